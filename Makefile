@@ -1,0 +1,48 @@
+# The two commands of the README do all set-up on a fresh machine:
+#   make demo   create .venv if missing, install, run the pipeline on this machine
+#   make test   create/update .venv, start the local 2-node Slurm cluster, run every test, stop it
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+# DeepSpeed: no ops are built at install; on a machine without a GPU it must be told to use the CPU,
+# and its JIT-built ops are cached inside the project (the first build takes about 90 s, once).
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+ifeq ($(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo gpu),)
+export DS_ACCELERATOR ?= cpu
+endif
+
+.PHONY: install demo test lint cluster-start cluster-stop clean
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "stillroom needs Python >= 3.11; set PYTHON=python3.11")'
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	@touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(VENV)/bin/stillroom run configs/demo.toml
+
+# The cluster is stopped afterwards only if this target started it.
+test: install
+	@was_up=0; bash slurm/local_cluster.sh status >/dev/null 2>&1 && was_up=1; \
+	if [ $$was_up = 0 ]; then bash slurm/local_cluster.sh start || echo "make test: local Slurm cluster did not start; Slurm tests will be skipped (or fail with STILLROOM_REQUIRE_SLURM=1)"; fi; \
+	$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
+	if [ $$was_up = 0 ]; then bash slurm/local_cluster.sh stop || true; fi; \
+	exit $$rc
+
+lint: install
+	$(VENV)/bin/ruff check launcher slurm sharding training tests
+	$(VENV)/bin/mypy
+
+cluster-start:
+	bash slurm/local_cluster.sh start
+
+cluster-stop:
+	bash slurm/local_cluster.sh stop
+
+clean:
+	rm -rf runs .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,170 @@
+"""`stillroom`: run, submit, status, cancel, logs, config. Thin: parse, call, print."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from importlib.metadata import version
+from pathlib import Path
+
+from rich.console import Console
+from rich.syntax import Syntax
+from rich.table import Table
+
+from launcher.config import ConfigError, config_hash, dump_toml, field_docs, to_plain
+from launcher.pipeline import StageFailed, job_spec, launch
+from launcher.run_config import RunConfig, load_run_config
+from launcher.rundir import RunDir, RunDirError, flatten
+from launcher.stages import STAGES
+from launcher.status import cancel, log_files, refresh, status_table
+from slurm.executor import SubmissionError, make_executor
+
+EXAMPLES = {
+    "run": """examples:
+  stillroom run configs/probe.toml                       # every stage, here, in order
+  stillroom run configs/probe.toml run.name=try2 probe.steps=5
+  stillroom run configs/probe.toml --dry-run             # print the plan, run nothing""",
+    "submit": """examples:
+  stillroom submit configs/probe.toml                    # chained Slurm jobs, returns at once
+  stillroom submit configs/probe.toml resources.partition=gpu resources.account=myproj
+  stillroom submit configs/probe.toml --dry-run          # print the sbatch scripts""",
+    "status": "examples:\n  stillroom status runs/default\n  stillroom status default --json",
+    "cancel": "examples:\n  stillroom cancel runs/default",
+    "logs": "examples:\n  stillroom logs runs/default            # first stage, rank 0\n"
+            "  stillroom logs runs/default probe --rank 3",
+    "config": "examples:\n  stillroom config configs/probe.toml probe.steps=3\n  stillroom config --docs",
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="stillroom",
+        description="Batch jobs that turn a raw domain corpus into a better and a cheaper model, on Slurm "
+                    "or on this machine, resuming after preemption. Configs are TOML; any key can be "
+                    "overridden as section.key=value after the config path.",
+        epilog="Each command has --help with examples. Docs: docs/ in the repository.",
+    )
+    parser.add_argument("--version", action="version", version=f"stillroom {version('stillroom')}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help_text, description=help_text, epilog=EXAMPLES[name],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    for name, help_text in (("run", "Run the configured stages here (executor from run.executor, default "
+                                    "local), waiting for each; rerunning skips completed stages."),
+                            ("submit", "Submit the configured stages to Slurm as jobs chained with afterok, "
+                                       "and return; follow them with `stillroom status`.")):
+        p = command(name, help_text)
+        p.add_argument("config", type=Path, help="TOML run config")
+        p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides, e.g. probe.steps=3")
+        p.add_argument("--dry-run", action="store_true", help="print what would be submitted, submit nothing")
+    p = command("status", "Show each stage's status, jobs, scheduler state, tasks and attempts.")
+    p.add_argument("run", help="run directory, or run name under ./runs")
+    p.add_argument("--json", action="store_true", help="print the state as JSON")
+    p = command("cancel", "Cancel every job of the run that has not completed.")
+    p.add_argument("run", help="run directory, or run name under ./runs")
+    p = command("logs", "Print a stage's log for one rank (stdout, then stderr), across requeues.")
+    p.add_argument("run", help="run directory, or run name under ./runs")
+    p.add_argument("stage", nargs="?", help="stage (default: the first one submitted)")
+    p.add_argument("--rank", type=int, default=0, help="task rank within the job (default 0)")
+    p = command("config", "Print the resolved config (defaults <- file <- overrides), or every key's doc.")
+    p.add_argument("config", type=Path, nargs="?", help="TOML run config (default: only defaults)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides, e.g. probe.steps=3")
+    p.add_argument("--docs", action="store_true", help="list every key with its default and meaning")
+    return parser
+
+
+def _show_config(console: Console, cfg: RunConfig) -> None:
+    console.print(f"[bold]resolved config[/] (sha256 {config_hash(cfg)[:16]})")
+    console.print(Syntax(dump_toml(cfg), "toml", theme="ansi_dark", background_color="default"))
+
+
+def _launch(args: argparse.Namespace, console: Console) -> int:
+    cfg = load_run_config(args.config, args.overrides)
+    kind = "slurm" if args.command == "submit" else cfg.run.executor
+    executor = make_executor(kind)
+    _show_config(console, cfg)
+    if args.dry_run:
+        run = RunDir(cfg.run_dir.resolve())
+        for stage in cfg.run.stages:
+            for step in STAGES[stage].steps:
+                console.rule(f"{stage}.{step.name} ({kind})")
+                # Dry-run text goes to stdout unstyled, so it can be saved and diffed as a script.
+                print(executor.render(job_spec(cfg, run, stage, step)), flush=True)
+        return 0
+    run = RunDir.create(cfg)
+    console.print(f"run directory: {run.path}")
+    launch(cfg, run, executor, wait=args.command == "run", console=console)
+    if args.command == "submit":
+        console.print(f"follow with: stillroom status {run.path}")
+    return 0
+
+
+def _status(args: argparse.Namespace, console: Console) -> int:
+    run = RunDir.find(args.run)
+    state = refresh(run)
+    if args.json:
+        print(json.dumps(state, indent=1))
+    else:
+        console.print(status_table(run, state))
+    return 0
+
+
+def _logs(args: argparse.Namespace, console: Console) -> int:
+    run = RunDir.find(args.run)
+    stages = list(run.read_state()["stages"])
+    stage = args.stage or (stages[0] if stages else None)
+    if stage is None:
+        raise RunDirError(f"nothing has been submitted in {run.path} yet")
+    files = log_files(run, stage, args.rank)
+    if not files:
+        console.print(f"no log yet for {stage} rank {args.rank} in {run.log_dir(stage)}")
+        return 1
+    for path in files:
+        console.rule(str(path))
+        sys.stdout.write(path.read_text(errors="replace"))
+    return 0
+
+
+def _config(args: argparse.Namespace, console: Console) -> int:
+    cfg = load_run_config(args.config, args.overrides)
+    if not args.docs:
+        print(dump_toml(cfg, field_docs(RunConfig)), end="")
+        return 0
+    table = Table("key", "value", "meaning")
+    values = flatten(to_plain(cfg))
+    for key, doc in field_docs(RunConfig).items():
+        table.add_row(key, json.dumps(values[key]) if key in values else "", doc)
+    console.print(table)
+    return 0
+
+
+def _cancel(args: argparse.Namespace, console: Console) -> int:
+    ids = cancel(RunDir.find(args.run))
+    console.print(f"cancelled {len(ids)} job(s): {', '.join(ids) or 'none left running'}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    console = Console(stderr=args.command in ("run", "submit") and args.dry_run, highlight=False)
+    handlers = {"run": _launch, "submit": _launch, "status": _status, "cancel": _cancel, "logs": _logs,
+                "config": _config}
+    try:
+        return handlers[args.command](args, console)
+    except (ConfigError, RunDirError, SubmissionError, KeyError) as e:
+        message = e.args[0] if isinstance(e, KeyError) else str(e)
+        print(f"stillroom: error: {message}", file=sys.stderr)
+        return 2
+    except StageFailed as e:
+        print(f"stillroom: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("stillroom: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

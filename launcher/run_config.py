@@ -1,0 +1,60 @@
+"""The run configuration: one section per component, nested; loaded from TOML plus overrides."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from launcher.config import ConfigError, apply_overrides, build, read_toml
+from slurm.probe import ProbeConfig
+from slurm.resources import Resources
+
+# Sections whose `resources` table inherits the top-level [resources] defaults.
+STAGE_SECTIONS = ("probe",)
+
+
+@dataclass(frozen=True)
+class RunSection:
+    name: str = "default"  # run name: the run directory is <root>/<name>
+    root: str = "runs"  # folder that holds run directories (on a cluster: shared storage, not /tmp)
+    executor: Literal["local", "slurm"] = "local"  # where `stillroom run` runs stages; `submit` always uses slurm
+    stages: tuple[str, ...] = ("probe",)  # stages to run, in this order
+
+    def __post_init__(self) -> None:
+        if not self.name or "/" in self.name or self.name in {".", ".."}:
+            raise ValueError(f"name must be a plain folder name, got {self.name!r}")
+        unknown = [s for s in self.stages if s not in STAGE_SECTIONS]
+        if unknown:
+            raise ValueError(f"stages: unknown stage {unknown[0]!r}; known stages: {', '.join(STAGE_SECTIONS)}")
+        if len(set(self.stages)) != len(self.stages):
+            raise ValueError(f"stages lists a stage twice: {list(self.stages)}")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    run: RunSection = field(default_factory=RunSection)  # name, location and stages of the run
+    resources: Resources = field(default_factory=Resources)  # defaults for every stage's [<stage>.resources]
+    probe: ProbeConfig = field(default_factory=ProbeConfig)  # the environment-report stage
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.root) / self.run.name
+
+    def stage_resources(self, stage: str) -> Resources:
+        return getattr(self, stage).resources  # type: ignore[no-any-return]
+
+
+def load_run_config(path: Path | None, overrides: list[str] = []) -> RunConfig:  # noqa: B006 (never mutated)
+    """Defaults <- TOML file <- `a.b=c` overrides; then [resources] fills each stage's gaps."""
+    raw: dict[str, Any] = read_toml(path) if path is not None else {}
+    data = apply_overrides(RunConfig, raw, overrides)
+    defaults = data.get("resources", {})
+    if not isinstance(defaults, dict):
+        raise ConfigError(f"{path}: resources must be a table (section)")
+    for stage in STAGE_SECTIONS:
+        section = data.setdefault(stage, {})
+        if isinstance(section, dict):
+            own = section.get("resources", {})
+            section["resources"] = {**defaults, **own} if isinstance(own, dict) else own
+    return build(RunConfig, data, str(path) if path is not None else "defaults")

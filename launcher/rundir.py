@@ -1,0 +1,136 @@
+"""The run directory contract (docs/run-directory.md): resolved config, state file, logs, stages.
+
+    runs/<name>/
+      config.toml      resolved config, the sha256 of its canonical form in the first line
+      state.json       per stage: status, executor, job ids, tasks done, attempts, timestamps
+      logs/<stage>/    submitit's folder: one stdout/stderr log per job and task
+      <stage>/         what the stage writes, and nothing else writes there
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from launcher.config import config_hash, dump_toml, field_docs, to_plain
+from launcher.run_config import RunConfig, load_run_config
+from slurm.files import write_atomic, write_json_atomic
+
+STATE_VERSION = 1
+STATUSES = ("pending", "submitted", "running", "completed", "failed", "cancelled")
+
+
+class RunDirError(RuntimeError):
+    """The run directory cannot be used as asked; the message says why and what to do."""
+
+
+def now_iso() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(data, dict) or not data:
+        return {prefix.rstrip("."): data}
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        flat.update(flatten(value, f"{prefix}{key}."))
+    return flat
+
+
+def config_diff(old: RunConfig, new: RunConfig) -> list[str]:
+    """`key: old -> new` for every resolved key that differs."""
+    a, b = flatten(to_plain(old)), flatten(to_plain(new))
+    return [f"{k}: {json.dumps(a.get(k))} -> {json.dumps(b.get(k))}" for k in sorted(a.keys() | b.keys())
+            if a.get(k) != b.get(k)]
+
+
+class RunDir:
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    config_path = property(lambda self: self.path / "config.toml")
+    state_path = property(lambda self: self.path / "state.json")
+
+    def stage_dir(self, stage: str) -> Path:
+        return self.path / stage
+
+    def log_dir(self, stage: str) -> Path:
+        return self.path / "logs" / stage
+
+    @classmethod
+    def find(cls, name_or_path: str, root: str = "runs") -> RunDir:
+        """A run given by path, or by name under `root`."""
+        for candidate in (Path(name_or_path), Path(root) / name_or_path):
+            if (candidate / "state.json").is_file():
+                return cls(candidate.resolve())
+        raise RunDirError(f"no run directory at '{name_or_path}' (looked for state.json there and in {root}/)")
+
+    @classmethod
+    def create(cls, cfg: RunConfig) -> RunDir:
+        """Create the run directory for `cfg`, or reopen it if it holds the same resolved config."""
+        run = cls(cfg.run_dir.resolve())
+        digest = config_hash(cfg)
+        if run.config_path.exists():
+            old = run.load_config()
+            if config_hash(old) != digest:
+                changes = "; ".join(config_diff(old, cfg)[:10])
+                raise RunDirError(f"run directory {run.path} holds a different config ({changes}); "
+                                  f"pick another run.name or remove the directory")
+            return run
+        for folder in (run.path, run.path / "logs"):
+            folder.mkdir(parents=True, exist_ok=True)
+        header = f"# stillroom resolved config, sha256 {digest}\n"
+        write_atomic(run.config_path, (header + dump_toml(cfg, field_docs(RunConfig))).encode())
+        write_json_atomic(run.state_path, {"version": STATE_VERSION, "run": cfg.run.name, "config_sha256": digest,
+                                           "created_at": now_iso(), "stages": {}})
+        return run
+
+    def load_config(self) -> RunConfig:
+        return load_run_config(self.config_path)
+
+    def read_state(self) -> dict[str, Any]:
+        state: dict[str, Any] = json.loads(self.state_path.read_text())
+        if state.get("version") != STATE_VERSION:
+            raise RunDirError(f"{self.state_path}: state version {state.get('version')} is not {STATE_VERSION}; "
+                              "this run was made by another stillroom version")
+        return state
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        # Tasks on several nodes update one file; flock works on local disks and on NFS (as fcntl locks).
+        with (self.path / ".state.lock").open("a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def update_stage(self, stage: str, **fields: Any) -> dict[str, Any]:
+        """Merge `fields` into the stage's entry under the state lock; returns the new entry.
+
+        `task_done=TAG` appends to the stage's `tasks_done` list, and completes the stage once
+        every expected task has reported; `attempt=N` raises `attempts` to N.
+        """
+        if "status" in fields and fields["status"] not in STATUSES:
+            raise ValueError(f"unknown stage status {fields['status']!r}")
+        with self._locked():
+            state = self.read_state()
+            entry = state["stages"].setdefault(stage, {"status": "pending", "job_ids": [], "tasks_done": [],
+                                                        "attempts": 0})
+            if (tag := fields.pop("task_done", None)) is not None and tag not in entry["tasks_done"]:
+                entry["tasks_done"].append(tag)
+                if len(entry["tasks_done"]) >= entry.get("tasks", 1):
+                    fields = {"status": "completed", "finished_at": now_iso(), **fields}
+            if entry["status"] in ("failed", "cancelled") and fields.get("status") in ("running", "completed"):
+                # A late task must not hide that a sibling failed; only a new submission clears it.
+                fields.pop("status")
+            if (attempt := fields.pop("attempt", None)) is not None:
+                entry["attempts"] = max(entry.get("attempts", 0), attempt)
+            entry.update(fields)
+            write_json_atomic(self.state_path, state)
+            return dict(entry)

@@ -1,0 +1,90 @@
+"""Stages by name, and the small callable submitit pickles to run one task of one stage step.
+
+A stage is one or more steps run one after another (afterok on Slurm): the shard stage is a job
+array that maps input files, then one reduce job. Every step is a pure function of (resolved
+config, stage folder, task environment, array element).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import submitit
+
+from launcher.run_config import RunConfig
+from launcher.rundir import RunDir, now_iso
+from slurm.probe import run_probe
+from slurm.resources import Resources
+from slurm.taskenv import TaskEnv, task_env
+
+
+def _no_array(cfg: RunConfig) -> int:
+    return 0
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    run: Callable[[RunConfig, Path, TaskEnv, int | None], Any]  # one task: (config, stage dir, env, element)
+    array_size: Callable[[RunConfig], int] = _no_array  # >0: a job array of that many elements
+    single_task: bool = False  # one process whatever the stage's nodes and tasks (e.g. a reduce)
+
+    def resources(self, stage_resources: Resources) -> Resources:
+        return replace(stage_resources, nodes=1, tasks_per_node=1) if self.single_task else stage_resources
+
+    def task_count(self, cfg: RunConfig, stage_resources: Resources) -> int:
+        return self.array_size(cfg) or self.resources(stage_resources).tasks
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    steps: tuple[Step, ...]
+
+
+def _stages() -> MappingProxyType[str, Stage]:
+    probe = Step("probe", lambda cfg, out, env, element: run_probe(cfg.probe, out, env, element),
+                 lambda cfg: cfg.probe.array_size)
+    return MappingProxyType({"probe": Stage("probe", (probe,))})
+
+
+STAGES = _stages()
+
+
+class StageTask(submitit.helpers.Checkpointable):
+    """One task of one step of one stage: names and a path, nothing else.
+
+    Everything else (config, data, models) is read inside the job, so the pickle stays tiny and a
+    requeued job picks up the run directory as it is then. As a Checkpointable it is resubmitted
+    as it is on the preemption signal; steps resume from their own saved state.
+    """
+
+    def __init__(self, stage: str, step: str, run_dir: str, element: int | None = None) -> None:
+        self.stage, self.step, self.run_dir, self.element = stage, step, run_dir, element
+
+    def __repr__(self) -> str:
+        return f"StageTask({self.stage!r}, {self.step!r}, {self.run_dir!r}, element={self.element})"
+
+    def __call__(self) -> Any:
+        run = RunDir(Path(self.run_dir))
+        cfg = run.load_config()
+        env = task_env()
+        who = f"element-{self.element}" if self.element is not None else f"rank-{env.rank}"
+        tag = f"{self.step}/{who}"
+        out = run.stage_dir(self.stage)
+        out.mkdir(parents=True, exist_ok=True)
+        (step,) = [s for s in STAGES[self.stage].steps if s.name == self.step]
+        if env.is_main or self.element is not None:
+            run.update_stage(self.stage, status="running", attempt=env.restart_count + 1, last_started_at=now_iso())
+        try:
+            result = step.run(cfg, out, env, self.element)
+        except Exception as e:
+            run.update_stage(self.stage, status="failed", error=f"{tag}: {type(e).__name__}: {e}",
+                             finished_at=now_iso())
+            raise
+        run.update_stage(self.stage, task_done=tag)
+        return result

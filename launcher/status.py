@@ -1,0 +1,87 @@
+"""status, cancel and logs: read the run directory, ask the scheduler, reconcile the two."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+
+from launcher.rundir import RunDir, now_iso
+from slurm.executor import TERMINAL_STATES, SubmissionError, make_executor
+
+# How a scheduler's terminal state of an unfinished stage is recorded in state.json.
+_FINAL_STATUS = {"CANCELLED": "cancelled"}
+
+
+def refresh(run: RunDir) -> dict[str, Any]:
+    """The run state with each unfinished stage's scheduler states added (`sched`) and, where
+    every job of a stage has ended without the stage completing, the stage marked failed or
+    cancelled in state.json (a job killed from outside cannot say so itself)."""
+    state = run.read_state()
+    for stage, entry in state["stages"].items():
+        if entry.get("status") not in ("submitted", "running") or not entry.get("job_ids"):
+            continue
+        try:
+            sched = make_executor(entry["executor"]).states(entry["job_ids"])
+        except SubmissionError as e:
+            entry["sched"] = {"?": str(e)}
+            continue
+        entry["sched"] = sched
+        ended = [sched.get(j, "UNKNOWN") for j in entry["job_ids"]]
+        if entry["executor"] == "slurm" and all(s in TERMINAL_STATES for s in ended):
+            bad = sorted({s for s in ended if s != "COMPLETED"})
+            if bad:
+                status = _FINAL_STATUS.get(bad[0], "failed")
+                run.update_stage(stage, status=status, error=f"Slurm: {', '.join(bad)}", finished_at=now_iso())
+                entry.update(status=status, error=f"Slurm: {', '.join(bad)}")
+    return state
+
+
+def status_table(run: RunDir, state: dict[str, Any]) -> Table:
+    table = Table(title=f"run {state['run']}  ({run.path})", title_justify="left")
+    for column in ("stage", "status", "jobs", "scheduler", "tasks done", "attempts", "submitted", "finished", "error"):
+        table.add_column(column, overflow="fold")
+    colours = {"completed": "green", "failed": "red", "cancelled": "magenta", "running": "cyan"}
+    for stage, e in state["stages"].items():
+        sched = e.get("sched", {})
+        table.add_row(
+            stage, f"[{colours.get(e['status'], 'yellow')}]{e['status']}[/]",
+            f"{e.get('executor', '')} {', '.join(e.get('job_ids', []))}",
+            ", ".join(sorted(set(sched.values()))) if sched else "",
+            f"{len(e.get('tasks_done', []))}/{e.get('tasks', '?')}", str(e.get("attempts", 0)),
+            _short(e.get("submitted_at")), _short(e.get("finished_at")), e.get("error") or "",
+        )
+    return table
+
+
+def _short(stamp: str | None) -> str:
+    """"2026-11-28T03:33:18Z" -> "11-28 03:33:18" (UTC), to keep the table narrow."""
+    return stamp[5:19].replace("T", " ") if stamp else ""
+
+
+def cancel(run: RunDir) -> list[str]:
+    """Cancel every job of every unfinished stage; returns the cancelled job ids."""
+    cancelled: list[str] = []
+    for stage, entry in run.read_state()["stages"].items():
+        if entry.get("status") in ("completed", "cancelled") or not entry.get("job_ids"):
+            continue
+        make_executor(entry["executor"]).cancel(entry["job_ids"])
+        run.update_stage(stage, status="cancelled", error="cancelled by stillroom cancel", finished_at=now_iso())
+        cancelled += entry["job_ids"]
+    return cancelled
+
+
+def log_files(run: RunDir, stage: str, rank: int) -> list[Path]:
+    """The stdout and stderr logs of `rank` in every job of the stage, oldest job first.
+
+    A requeued job keeps its id and appends to the same files, so one file spans its attempts.
+    """
+    entry = run.read_state()["stages"].get(stage)
+    if entry is None:
+        raise KeyError(f"stage {stage!r} has not been submitted in {run.path}")
+    folder = run.log_dir(stage)
+    files: list[Path] = []
+    for job_id in entry.get("job_ids", []):
+        files += [p for p in (folder / f"{job_id}_{rank}_log.out", folder / f"{job_id}_{rank}_log.err") if p.exists()]
+    return files

@@ -1,0 +1,1 @@
+"""Raw corpora -> cleaned, deduplicated, tokenized, packed Arrow shards with a manifest (issue: shard stage)."""

@@ -1,0 +1,203 @@
+"""One interface over submitit's backends: the real Slurm cluster and the embedded local default.
+
+The launcher hands an `Executor` a `JobSpec`; what crosses into the job is only the small
+callables in `JobSpec.tasks` (submitit pickles them), never models or data.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import subprocess
+import sys
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import submitit
+from submitit.slurm import slurm as submitit_slurm
+
+from slurm.resources import Resources, sbatch_parameters
+
+# Slurm states after which a job will not run again by itself.
+TERMINAL_STATES = frozenset(
+    {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE"}
+)
+
+
+class SubmissionError(RuntimeError):
+    """The scheduler refused or could not be reached; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    name: str  # job name as squeue shows it
+    folder: Path  # submitit's folder for this stage: pickles and per-task logs
+    resources: Resources
+    tasks: tuple[Callable[[], Any], ...]  # one callable: a plain job; several: one job array
+    after: tuple[str, ...] = ()  # job ids that must end COMPLETED before this one starts
+
+    @property
+    def is_array(self) -> bool:
+        return len(self.tasks) > 1
+
+
+class Executor(ABC):
+    kind: str
+
+    @abstractmethod
+    def submit(self, spec: JobSpec) -> list[submitit.Job[Any]]:
+        """Submit the spec; one Job per task (array elements share the array's base id)."""
+
+    @abstractmethod
+    def render(self, spec: JobSpec) -> str:
+        """What `submit` would hand the scheduler, for --dry-run."""
+
+    @abstractmethod
+    def states(self, job_ids: Sequence[str]) -> dict[str, str]:
+        """Scheduler state per job id; ids the scheduler does not know are left out."""
+
+    @abstractmethod
+    def cancel(self, job_ids: Sequence[str]) -> None:
+        """Cancel these jobs (array ids cancel every element)."""
+
+
+def base_job_id(job_id: str) -> str:
+    """"123_4" (array element) -> "123"."""
+    return job_id.split("_", 1)[0]
+
+
+class SlurmExecutor(Executor):
+    kind = "slurm"
+
+    def __init__(self, python: str = sys.executable) -> None:
+        self.python = python
+
+    def _command(self, folder: Path) -> str:
+        return f"{shlex.quote(self.python)} -u -m submitit.core._submit {shlex.quote(str(folder))}"
+
+    def render(self, spec: JobSpec) -> str:
+        _check_folder(spec.folder)
+        params = sbatch_parameters(spec.resources, spec.name, spec.after)
+        array: dict[str, Any] = {"map_count": len(spec.tasks)} if spec.is_array else {}
+        # submitit's own renderer, so what we print is what it submits; tests pin it to a golden file.
+        return submitit_slurm._make_sbatch_string(
+            command=self._command(spec.folder), folder=spec.folder, **params, **array
+        )
+
+    def submit(self, spec: JobSpec) -> list[submitit.Job[Any]]:
+        _check_folder(spec.folder)
+        executor = submitit.SlurmExecutor(
+            folder=spec.folder, max_num_timeout=spec.resources.max_requeues, python=shlex.quote(self.python)
+        )
+        executor.update_parameters(**sbatch_parameters(spec.resources, spec.name, spec.after))
+        try:
+            if not spec.is_array:
+                return [executor.submit(spec.tasks[0])]
+            with executor.batch():
+                jobs = [executor.submit(task) for task in spec.tasks]
+            return jobs
+        except subprocess.CalledProcessError as e:
+            stderr = (e.stderr or b"").decode(errors="replace").strip() if isinstance(e.stderr, bytes) else e.stderr
+            raise SubmissionError(f"sbatch refused job {spec.name!r}: {stderr or e}") from None
+        except submitit.core.utils.FailedJobError as e:
+            raise SubmissionError(f"sbatch failed for job {spec.name!r}: {e}") from None
+
+    def states(self, job_ids: Sequence[str]) -> dict[str, str]:
+        if not job_ids:
+            return {}
+        ids = ",".join(sorted({base_job_id(j) for j in job_ids}))
+        try:
+            out = subprocess.run(["sacct", "-n", "-P", "-X", "-o", "JobID,State", "-j", ids],
+                                 capture_output=True, text=True, timeout=60, check=True).stdout
+        except (OSError, subprocess.SubprocessError) as e:
+            raise SubmissionError(f"cannot read job states from Slurm accounting (sacct): {e}") from None
+        return parse_sacct_states(out)
+
+    def cancel(self, job_ids: Sequence[str]) -> None:
+        ids = sorted({base_job_id(j) for j in job_ids})
+        if ids:
+            subprocess.run(["scancel", *ids], capture_output=True, text=True, timeout=60, check=False)
+
+
+def parse_sacct_states(text: str) -> dict[str, str]:
+    """`sacct -n -P -X -o JobID,State` output -> {job id: STATE}; "CANCELLED by 0" -> "CANCELLED".
+
+    A pending array shows as "123_[0-3]": each element gets the array's state.
+    """
+    states: dict[str, str] = {}
+    for line in text.splitlines():
+        job_id, sep, state = line.strip().partition("|")
+        if not sep:
+            continue
+        state = state.split()[0] if state.strip() else "UNKNOWN"
+        if "_[" in job_id:
+            base, _, ranges = job_id.partition("_[")
+            for part in ranges.rstrip("]").split("%")[0].split(","):
+                lo, _, hi = part.partition("-")
+                for i in range(int(lo), int(hi or lo) + 1):
+                    states[f"{base}_{i}"] = state
+        else:
+            states[job_id] = state
+    return states
+
+
+class LocalExecutor(Executor):
+    """submitit's local executor: every task is a process on this machine, started at once.
+
+    It has no dependencies between jobs, so the caller waits for one stage before the next.
+    """
+
+    kind = "local"
+
+    def render(self, spec: JobSpec) -> str:
+        shape = f"{len(spec.tasks)} array elements" if spec.is_array else f"{spec.resources.tasks} process(es)"
+        return f"# local: {spec.name}: {shape} on this machine, logs in {spec.folder}\n"
+
+    def submit(self, spec: JobSpec) -> list[submitit.Job[Any]]:
+        if spec.after:
+            raise SubmissionError("the local executor cannot wait on other jobs; submit after they finish")
+        executor = submitit.LocalExecutor(folder=spec.folder, max_num_timeout=spec.resources.max_requeues)
+        executor.update_parameters(
+            tasks_per_node=spec.resources.tasks,  # several "nodes" become processes on this one
+            timeout_min=spec.resources.time_min,
+            signal_delay_s=spec.resources.signal_lead_s,
+        )
+        with executor.batch():
+            jobs = [executor.submit(task) for task in spec.tasks]
+        return jobs
+
+    def states(self, job_ids: Sequence[str]) -> dict[str, str]:
+        # Local job ids are controller pids: alive means running; the run state file knows the rest.
+        states = {}
+        for job_id in job_ids:
+            try:
+                os.kill(int(job_id), 0)
+                states[job_id] = "RUNNING"
+            except (ValueError, ProcessLookupError, PermissionError):
+                continue
+        return states
+
+    def cancel(self, job_ids: Sequence[str]) -> None:
+        for job_id in job_ids:
+            try:
+                os.kill(int(job_id), signal.SIGINT)  # submitit's local controller stops its tasks on SIGINT
+            except (ValueError, ProcessLookupError, PermissionError):
+                continue
+
+
+def _check_folder(folder: Path) -> None:
+    # Slurm expands %j, %t, ... in --output paths; a literal % in the folder would be mangled.
+    if "%" in str(folder):
+        raise SubmissionError(f"run directory path may not contain '%' (Slurm expands it): {folder}")
+
+
+def make_executor(kind: str) -> Executor:
+    if kind == "slurm":
+        return SlurmExecutor()
+    if kind == "local":
+        return LocalExecutor()
+    raise ValueError(f"unknown executor {kind!r}: expected 'local' or 'slurm'")

@@ -1,0 +1,73 @@
+"""The probe stage: each task reports its environment, optionally counts resumable steps and
+checks a torch.distributed rendezvous. It proves the whole submit -> run -> resume path
+before any real stage is involved, and is what to run first on a new cluster.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from slurm.files import write_json_atomic
+from slurm.resources import Resources
+from slurm.taskenv import TaskEnv
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    resources: Resources = field(default_factory=Resources)  # where and how big the probe job is
+    array_size: int = 0  # >0: submit as a job array of this many elements instead of one job
+    steps: int = 0  # count this many steps, saving the count after each, so a requeue resumes it
+    step_seconds: float = 0.5  # sleep per counted step (gives a test time to requeue the job)
+    collective: bool = False  # all-reduce the ranks over torch.distributed (gloo) to prove rendezvous
+    fail_rank: int = -1  # this rank raises on purpose (-1: none), to see how a failure is reported
+
+    def __post_init__(self) -> None:
+        for name in ("array_size", "steps", "step_seconds"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
+
+
+def _all_reduce_ranks(env: TaskEnv) -> int:
+    import torch
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://{env.master_addr}:{env.master_port}",
+                            rank=env.rank, world_size=env.world_size)
+    try:
+        total = torch.tensor([env.rank], dtype=torch.int64)
+        dist.all_reduce(total)
+        return int(total.item())
+    finally:
+        dist.destroy_process_group()
+
+
+def run_probe(cfg: ProbeConfig, out: Path, env: TaskEnv, element: int | None = None) -> dict[str, Any]:
+    """One task of the probe. `element` is the array index when run as a job array."""
+    tag = f"element-{element}" if element is not None else f"rank-{env.rank}"
+    report: dict[str, Any] = {**dataclasses.asdict(env), "element": element, "hostname": socket.gethostname(),
+                              "pid": os.getpid(), "slurmd_nodename": os.environ.get("SLURMD_NODENAME")}
+    if env.rank == cfg.fail_rank:
+        raise RuntimeError(f"probe.fail_rank={cfg.fail_rank}: failing on purpose")
+    if cfg.collective and env.world_size > 1:
+        report["rank_sum"] = _all_reduce_ranks(env)
+    if cfg.steps:
+        counter_path = out / f"counter-{tag}.json"
+        counter: dict[str, Any] = (json.loads(counter_path.read_text()) if counter_path.exists()
+                                   else {"count": 0, "attempts": []})
+        counter["attempts"].append({"restart_count": env.restart_count, "job_id": env.job_id,
+                                    "start": counter["count"]})
+        write_json_atomic(counter_path, counter)
+        while counter["count"] < cfg.steps:
+            time.sleep(cfg.step_seconds)
+            counter["count"] += 1
+            write_json_atomic(counter_path, counter)
+        report["count"] = counter["count"]
+    write_json_atomic(out / f"env-{tag}.json", report)
+    return report

@@ -1,0 +1,79 @@
+"""What a stage asks of the scheduler, and how that becomes submitit/sbatch parameters."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+_SIGNAL = re.compile(r"^(SIG)?(USR1|USR2|TERM|INT|HUP|URG|CONT|[0-9]{1,2})$")
+
+
+@dataclass(frozen=True)
+class Resources:
+    nodes: int = 1  # nodes per job (the local backend runs all tasks on this machine)
+    tasks_per_node: int = 1  # processes per node; training uses one per GPU
+    gpus_per_node: int = 0  # GPUs per node (0: no --gpus-per-node line)
+    cpus_per_task: int = 1  # CPU cores per process (data loading, tokenization threads)
+    mem_gb: float = 4.0  # memory per node in GB (0: the partition's default)
+    time_min: int = 60  # wall-clock limit per job attempt, in minutes
+    partition: str = ""  # Slurm partition ("" : the cluster's default)
+    account: str = ""  # Slurm account to charge ("" : your default account)
+    qos: str = ""  # quality of service ("" : the default)
+    constraint: str = ""  # node features, e.g. "a100|h100" ("" : any node)
+    setup: tuple[str, ...] = ()  # shell lines run before the job, e.g. "module load cuda/12.4"
+    sbatch_extra: dict[str, str] = field(default_factory=dict)  # extra sbatch options, e.g. {exclusive = ""}
+    signal: str = "USR2"  # signal Slurm sends before the time limit or on preemption
+    signal_lead_s: int = 120  # seconds between that signal and the kill: must exceed a checkpoint's time
+    max_requeues: int = 3  # times a job may requeue itself after a time-out (preemptions do not count)
+    array_parallelism: int = 0  # most array elements running at once (0: no limit)
+
+    def __post_init__(self) -> None:
+        for name in ("nodes", "tasks_per_node", "cpus_per_task", "time_min"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("gpus_per_node", "signal_lead_s", "max_requeues", "array_parallelism"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
+        if not _SIGNAL.match(self.signal):
+            raise ValueError(f"signal must be a signal name such as USR2, got {self.signal!r}")
+
+    @property
+    def signal_name(self) -> str:
+        """The signal as submitit expects it in SUBMITIT_PREEMPT_SIGNAL (no SIG prefix)."""
+        return self.signal.removeprefix("SIG")
+
+    @property
+    def tasks(self) -> int:
+        return self.nodes * self.tasks_per_node
+
+
+def sbatch_parameters(res: Resources, job_name: str, after: tuple[str, ...] = ()) -> dict[str, Any]:
+    """submitit SlurmExecutor parameters for these resources (only the lines that say something)."""
+    params: dict[str, Any] = {
+        "job_name": job_name,
+        "time": res.time_min,
+        "nodes": res.nodes,
+        "ntasks_per_node": res.tasks_per_node,
+        "cpus_per_task": res.cpus_per_task,
+        "signal_delay_s": res.signal_lead_s,
+        # The task side reads the signal name from this variable when submitit is imported.
+        "setup": [f"export SUBMITIT_PREEMPT_SIGNAL={res.signal_name}", *res.setup],
+        "wckey": "stillroom",
+    }
+    if res.gpus_per_node:
+        params["gpus_per_node"] = res.gpus_per_node
+    if res.mem_gb:
+        params["mem"] = f"{int(res.mem_gb)}GB" if res.mem_gb == int(res.mem_gb) else f"{int(res.mem_gb * 1024)}MB"
+    for name in ("partition", "account", "qos", "constraint"):
+        if value := getattr(res, name):
+            params[name] = value
+    if res.array_parallelism:
+        params["array_parallelism"] = res.array_parallelism
+    if after:
+        params["dependency"] = "afterok:" + ":".join(after)
+    extra: dict[str, Any] = {"signal": f"{res.signal_name}@{res.signal_lead_s}"}
+    # sbatch flags without a value (e.g. --exclusive) are written as `exclusive = ""` in TOML.
+    extra.update({k: (True if v == "" else v) for k, v in res.sbatch_extra.items()})
+    params["additional_parameters"] = extra
+    return params

@@ -1,0 +1,1 @@
+"""DeepSpeed training loop shared by continued pretraining and distillation (issues: cpt, distill stages)."""
