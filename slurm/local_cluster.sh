@@ -69,7 +69,7 @@ launch() {
   local name=$1
   shift
   rm -f "$(pidfile "$name")"
-  "$@" </dev/null >>"$LOG/$name.log" 2>&1 || fail "$name" "$name failed to start"
+  "$@" </dev/null >>"$LOG/$name.log" 2>&1 9>&- || fail "$name" "$name failed to start"
 }
 
 # wait_for SECONDS NAME CMD...: poll CMD; fail early if NAME's pid file names a
@@ -221,7 +221,7 @@ start_mariadb() {
   if mysql_up; then log "using the MariaDB server already running (not ours, will not stop it)"; else
     [[ -d /var/lib/mysql/mysql ]] || mariadb-install-db --user=mysql >>"$LOG/mariadbd.log" 2>&1
     # mariadbd does not daemonize: detach it and record its pid ourselves.
-    setsid mariadbd --user=mysql </dev/null >>"$LOG/mariadbd.log" 2>&1 &
+    setsid mariadbd --user=mysql </dev/null >>"$LOG/mariadbd.log" 2>&1 9>&- &
     echo $! >"$RUN/mariadbd.pid"
     wait_for 60 mariadbd mysql_up
   fi
@@ -269,7 +269,8 @@ cmd_start() {
   local t0=$SECONDS
   if cluster_up && sacct_ok; then log "already running"; return 0; fi
   need_root start
-  # Serialize concurrent starts (e.g. parallel test workers), then re-check.
+  # Serialize concurrent starts (e.g. parallel test workers), then re-check;
+  # daemons are launched with fd 9 closed so they do not inherit the lock.
   mkdir -p "$STATE" && exec 9>"$STATE/lock" && flock 9
   if cluster_up && sacct_ok; then log "already running"; return 0; fi
   ensure_packages
