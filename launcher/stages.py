@@ -15,8 +15,11 @@ from typing import Any
 
 import submitit
 
+from launcher.config import config_hash
 from launcher.run_config import RunConfig
 from launcher.rundir import RunDir, now_iso
+from sharding.stage import check_inputs, map_files, reduce_shards
+from sharding.summary import summary_table
 from slurm.probe import run_probe
 from slurm.resources import Resources
 from slurm.taskenv import TaskEnv, task_env
@@ -40,16 +43,33 @@ class Step:
         return self.array_size(cfg) or self.resources(stage_resources).tasks
 
 
+def _no_preflight(cfg: RunConfig) -> None:
+    return None
+
+
 @dataclass(frozen=True)
 class Stage:
     name: str
     steps: tuple[Step, ...]
+    preflight: Callable[[RunConfig], None] = _no_preflight  # raises ValueError before any job is submitted
+    summary: Callable[[Path], Any] | None = None  # a rich renderable of the finished stage's folder
+
+
+def _shard_map(cfg: RunConfig, out: Path, env: TaskEnv, element: int | None) -> Any:
+    return map_files(cfg.shard, out, element or 0, cfg.shard.tasks)
+
+
+def _shard_reduce(cfg: RunConfig, out: Path, env: TaskEnv, element: int | None) -> Any:
+    return reduce_shards(cfg.shard, out, config_hash(cfg.shard.data_config()))
 
 
 def _stages() -> MappingProxyType[str, Stage]:
     probe = Step("probe", lambda cfg, out, env, element: run_probe(cfg.probe, out, env, element),
                  lambda cfg: cfg.probe.array_size)
-    return MappingProxyType({"probe": Stage("probe", (probe,))})
+    shard = Stage("shard", (Step("map", _shard_map, lambda cfg: cfg.shard.tasks),
+                            Step("reduce", _shard_reduce, single_task=True)),
+                  preflight=lambda cfg: check_inputs(cfg.shard), summary=summary_table)
+    return MappingProxyType({"probe": Stage("probe", (probe,)), "shard": shard})
 
 
 STAGES = _stages()

@@ -1,0 +1,418 @@
+"""Input files -> `Doc` records, streaming, with every bad record counted under a named reason.
+
+Formats, chosen by the file name: `*.jsonl` and `*.jsonl.zst` (one JSON object per line),
+`*.parquet`, and anything else is plain UTF-8 text holding one document (record 0). A folder
+stands for the `*.jsonl`, `*.jsonl.zst`, `*.parquet`, `*.txt`, `*.md` and `*.rst` files below it
+(hidden ones skipped); other plain-text names must be given as a file or a glob.
+
+Memory stays bounded whatever the input: JSONL is read line by line with a size cap, zstd is
+decompressed in small steps, Parquet batch by batch (so one row group at a time at most), and a
+text file bigger than `max_doc_bytes` is never read. A record that cannot become a document is
+dropped with one of READ_REASONS; content problems never raise, I/O errors do (a requeue retries).
+Drop locations are `path:line` for JSONL (1-based, as editors count) and `path#row` for Parquet.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import json
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import zstandard
+
+from sharding.documents import Doc, Tally
+
+READ_REASONS = ("read.malformed_json", "read.not_an_object", "read.invalid_utf8", "read.nul_bytes", "read.too_long",
+                "read.missing_text", "read.empty_text", "read.truncated", "read.unreadable")
+FOLDER_SUFFIXES = (".jsonl", ".jsonl.zst", ".parquet", ".txt", ".md", ".rst")
+# Compressed inputs we cannot read: reading them as plain text would drop them one by one instead of failing early.
+UNSUPPORTED_SUFFIXES = (".gz", ".bz2", ".xz", ".zip", ".zst", ".lz4", ".7z", ".tar")
+_SKIP_CHUNK = 1 << 16  # bytes read at a time while skipping the rest of an over-long line
+_ZSTD_STEP = 1 << 12  # compressed bytes per decompression call: bounds its output to ~128 MB even for a zstd bomb
+_PARQUET_BATCH = 256  # rows per Parquet batch
+
+
+@dataclass(frozen=True)
+class ReaderConfig:
+    text_field: str = "text"  # JSONL key / Parquet column holding the document text
+    id_field: str = ""  # key / column naming each document in logs ("": none, "<file name>:<record>" instead)
+    group_field: str = ""  # key / column the train/validation split hashes ("": none, the text itself)
+    max_doc_bytes: int = 2_000_000  # bigger records (JSONL line, Parquet text, text file) are dropped as read.too_long
+
+    def __post_init__(self) -> None:
+        if not self.text_field:
+            raise ValueError("text_field must not be empty")
+        if self.max_doc_bytes < 1:
+            raise ValueError(f"max_doc_bytes must be at least 1, got {self.max_doc_bytes}")
+
+
+class InputError(ValueError):
+    """The inputs cannot be used as given: one line, raised before any work starts."""
+
+
+# --- finding the inputs ---------------------------------------------------------------------------------------------
+
+def _kind(path: Path) -> str:
+    name = path.name.lower()
+    return next((kind for kind in ("jsonl.zst", "jsonl", "parquet") if name.endswith("." + kind)), "text")
+
+
+def _in_folder(folder: Path) -> list[Path]:
+    found = []
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        found += [Path(root, f) for f in files if not f.startswith(".") and f.lower().endswith(FOLDER_SUFFIXES)]
+    return found
+
+
+def expand_inputs(patterns: Sequence[str]) -> list[Path]:
+    """Files, folders and globs -> the sorted, de-duplicated absolute paths of the input files.
+
+    The order is the global document order (Doc.file_index), so it must not depend on the file system.
+    """
+    paths: set[Path] = set()
+    for pattern in patterns:
+        expanded = os.path.expanduser(pattern)
+        if glob.has_magic(expanded):
+            matches = [Path(m) for m in glob.glob(expanded, recursive=True)]
+            if not matches:
+                raise InputError(f"input '{pattern}' matches no file")
+        elif os.path.exists(expanded):
+            matches = [Path(expanded)]
+        else:
+            raise InputError(f"input '{pattern}' does not exist")
+        found = [f for m in matches for f in (_in_folder(m) if m.is_dir() else [m])]
+        if not found:
+            raise InputError(f"input '{pattern}' matches no file (folders are searched for "
+                             f"{', '.join('*' + s for s in FOLDER_SUFFIXES)})")
+        for f in found:
+            if _kind(f) == "text" and f.name.lower().endswith(UNSUPPORTED_SUFFIXES):
+                raise InputError(f"input '{f}' is compressed in a format the reader does not know; "
+                                 "use .jsonl, .jsonl.zst, .parquet or plain text")
+        paths.update(Path(os.path.abspath(f)) for f in found)
+    return sorted(paths)
+
+
+# --- JSONL -----------------------------------------------------------------------------------------------------------
+
+class _Truncated(Exception):
+    """The compressed stream stops inside a frame (a cut-off copy), or is not zstd from some point on."""
+
+    def __init__(self, message: str, corrupt: bool) -> None:
+        super().__init__(message)
+        self.corrupt = corrupt
+
+
+class _ZstdRaw(io.RawIOBase):
+    """Frame-by-frame zstd decompression in small steps.
+
+    python-zstandard's stream_reader reports a cut-off file as a clean end of file and stops at the
+    first frame of a multi-frame file; this notices both.
+    """
+
+    def __init__(self, source: BinaryIO) -> None:
+        self._source = source
+        self._dctx = zstandard.ZstdDecompressor()
+        self._dobj = self._dctx.decompressobj()
+        self._in_frame = False  # the current frame has been fed input but not finished
+        self._out = memoryview(b"")
+        self.produced = 0  # decompressed bytes so far: none means the file is not zstd at all
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while not self._out:
+            chunk = self._source.read(_ZSTD_STEP)
+            if not chunk:
+                if self._in_frame:
+                    raise _Truncated("the last zstd frame is cut off", corrupt=False)
+                return 0
+            try:
+                self._out = memoryview(self._feed(chunk))
+            except zstandard.ZstdError as e:
+                raise _Truncated(f"zstd: {_brief(e)}", corrupt=True) from None
+        n = min(len(buffer), len(self._out))
+        buffer[:n] = self._out[:n]
+        self._out = self._out[n:]
+        self.produced += n
+        return n
+
+    def _feed(self, chunk: bytes) -> bytes:
+        parts = []
+        while chunk:
+            parts.append(self._dobj.decompress(chunk))
+            self._in_frame = not self._dobj.eof
+            if self._in_frame:
+                break
+            chunk = self._dobj.unused_data  # the next frame starts inside this chunk
+            self._dobj = self._dctx.decompressobj()
+        return b"".join(parts)
+
+
+def _lines(path: Path, limit: int, tally: Tally) -> Iterator[tuple[int, bytes, bool]]:
+    """(0-based line number, line, is the last line without a newline) of a JSONL file, blank lines skipped.
+
+    Lines over `limit` bytes are counted and dropped here without ever being held whole.
+    """
+    with open(path, "rb") as raw:
+        zst = _ZstdRaw(raw) if _kind(path) == "jsonl.zst" else None
+        stream: BinaryIO = io.BufferedReader(zst, 1 << 16) if zst else raw  # type: ignore[assignment]
+        number, records = -1, 0
+        try:
+            while line := stream.readline(limit + 1):
+                number += 1
+                if len(line) > limit and not line.endswith(b"\n"):
+                    while (rest := stream.readline(_SKIP_CHUNK)) and not rest.endswith(b"\n"):
+                        pass
+                    records += 1
+                    tally.docs_in += 1
+                    tally.drop("read.too_long", f"{path}:{number + 1}", f"line longer than {limit} bytes")
+                    continue
+                if number == 0 and line.startswith(b"\xef\xbb\xbf"):
+                    line = line[3:]
+                if line.isspace() or not line:
+                    continue
+                records += 1
+                yield number, line, not line.endswith(b"\n")
+        except _Truncated as e:
+            if e.corrupt and zst is not None and zst.produced == 0:  # not zstd at all
+                tally.files["unreadable"] += 1
+                _warn(path, f"unreadable, skipped: {_brief(e)}")
+                return
+            records += 1
+            tally.docs_in += 1
+            tally.files["truncated_zst"] += 1
+            tally.drop("read.truncated", f"{path}:{number + 2}", _brief(e))
+    if records == 0:
+        tally.files["empty"] += 1
+
+
+def _parse(line: bytes) -> tuple[Any, str, str]:
+    """(object, "", "") or (None, reason, detail) for one JSONL line."""
+    if b"\x00" in line:
+        return None, "read.nul_bytes", "NUL byte in the line"
+    try:
+        obj = json.loads(line.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        return None, "read.invalid_utf8", _brief(e)
+    except (ValueError, RecursionError) as e:
+        return None, "read.malformed_json", _brief(e)
+    if not isinstance(obj, dict):
+        return None, "read.not_an_object", f"a JSON {type(obj).__name__}, not an object"
+    return obj, "", ""
+
+
+def _check_text(text: Any, field: str, may_have_escapes: bool = True) -> tuple[str, str]:
+    """("", "") when `text` can be a document, else (reason, detail)."""
+    if not isinstance(text, str):
+        return "read.missing_text", f"no text field '{field}'" if text is None else f"'{field}' is not a string"
+    if not text or text.isspace():
+        return "read.empty_text", ""
+    if "\x00" in text:
+        return "read.nul_bytes", "NUL character in the text"
+    if may_have_escapes and not text.isascii():
+        try:  # JSON escapes can spell lone surrogates, which no tokenizer or file accepts
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            return "read.invalid_utf8", _brief(e)
+    return "", ""
+
+
+def _doc(text: str, obj: dict[str, Any], cfg: ReaderConfig, path: Path, file_index: int, record: int) -> Doc:
+    doc_id = obj.get(cfg.id_field) if cfg.id_field else None
+    group = obj.get(cfg.group_field) if cfg.group_field else None
+    return Doc(text=text, file_index=file_index, record=record,
+               doc_id=f"{path.name}:{record}" if doc_id is None else str(doc_id),
+               group=text if group is None else str(group))
+
+
+def _read_jsonl(path: Path, file_index: int, cfg: ReaderConfig, tally: Tally) -> Iterator[Doc]:
+    for number, line, last_without_newline in _lines(path, cfg.max_doc_bytes, tally):
+        tally.docs_in += 1
+        where = f"{path}:{number + 1}"
+        obj, reason, detail = _parse(line)
+        if obj is None:
+            if last_without_newline and reason in ("read.malformed_json", "read.invalid_utf8"):  # may be cut mid-char
+                reason = "read.truncated"
+                tally.files["partial_last_line"] += 1
+            tally.drop(reason, where, detail)
+            continue
+        text = obj.get(cfg.text_field)
+        reason, detail = _check_text(text, cfg.text_field, b"\\u" in line or b"\\U" in line)
+        if reason:
+            tally.drop(reason, where, detail)
+            continue
+        yield _doc(text, obj, cfg, path, file_index, number)
+
+
+# --- Parquet and plain text ------------------------------------------------------------------------------------------
+
+def _read_parquet(path: Path, file_index: int, cfg: ReaderConfig, tally: Tally) -> Iterator[Doc]:
+    with open(path, "rb"):
+        pass  # a missing or unreadable file is an I/O error that raises, not a corrupt file to skip
+    try:
+        pf = pq.ParquetFile(path)
+        rows = pf.metadata.num_rows
+    except (pa.ArrowException, OSError) as e:
+        tally.files["unreadable"] += 1
+        _warn(path, f"unreadable, skipped: {_brief(e)}")
+        return
+    if rows == 0:
+        tally.files["empty"] += 1
+        return
+    names = set(pf.schema_arrow.names)
+    if cfg.text_field not in names:
+        tally.docs_in += rows  # one drop call for all rows: a big file would otherwise cost millions of calls
+        tally.drop("read.missing_text", f"{path}#0", f"no column '{cfg.text_field}' (columns: {_listed(names)})")
+        tally.dropped["read.missing_text"] += rows - 1
+        return
+    columns = [c for c in dict.fromkeys((cfg.text_field, cfg.id_field, cfg.group_field)) if c in names]
+    row = 0
+    try:
+        for batch in pf.iter_batches(batch_size=_PARQUET_BATCH, columns=columns):
+            values = {name: _values(batch.column(name)) for name in columns}
+            for i, text in enumerate(values[cfg.text_field]):
+                tally.docs_in += 1
+                if isinstance(text, bytes):
+                    try:
+                        text = text.decode("utf-8")
+                    except UnicodeDecodeError as e:
+                        tally.drop("read.invalid_utf8", f"{path}#{row + i}", _brief(e))
+                        continue
+                if isinstance(text, str) and len(text) * 4 > cfg.max_doc_bytes and \
+                        len(text.encode("utf-8", "surrogatepass")) > cfg.max_doc_bytes:
+                    tally.drop("read.too_long", f"{path}#{row + i}", f"text longer than {cfg.max_doc_bytes} bytes")
+                    continue
+                reason, detail = _check_text(text, cfg.text_field, may_have_escapes=False)
+                if reason:
+                    tally.drop(reason, f"{path}#{row + i}", detail)
+                    continue
+                yield _doc(text, {name: v[i] for name, v in values.items()}, cfg, path, file_index, row + i)
+            row += batch.num_rows
+    except (pa.ArrowException, OSError) as e:
+        tally.files["unreadable"] += 1
+        lost = max(0, rows - row)  # the metadata knows how many rows were lost
+        _warn(path, f"unreadable after row {row}, {lost} rows lost: {_brief(e)}")
+        if lost:
+            tally.docs_in += lost
+            tally.drop("read.unreadable", f"{path}#{row}", f"{lost} rows lost: {_brief(e)}")
+            tally.dropped["read.unreadable"] += lost - 1
+
+
+def _values(column: pa.Array) -> list[Any]:
+    try:
+        return column.to_pylist()  # type: ignore[no-any-return]
+    except UnicodeDecodeError:  # a string column holding invalid UTF-8: decode value by value, drop the bad ones
+        return column.cast(pa.binary()).to_pylist()  # type: ignore[no-any-return]
+
+
+def _read_text(path: Path, file_index: int, cfg: ReaderConfig, tally: Tally) -> Iterator[Doc]:
+    size = path.stat().st_size
+    if size == 0:
+        tally.files["empty"] += 1
+        return
+    tally.docs_in += 1
+    if size > cfg.max_doc_bytes:
+        tally.drop("read.too_long", str(path), f"{size} bytes")
+        return
+    data = path.read_bytes()
+    if b"\x00" in data:
+        tally.drop("read.nul_bytes", str(path), "NUL byte in the file")
+        return
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        tally.drop("read.invalid_utf8", str(path), _brief(e))
+        return
+    reason, detail = _check_text(text, cfg.text_field, may_have_escapes=False)
+    if reason:
+        tally.drop(reason, str(path), detail)
+        return
+    yield Doc(text=text, file_index=file_index, record=0, doc_id=f"{path.name}:0", group=text)
+
+
+def location(path: Path, record: int) -> str:
+    """Where a record is, as drop samples show it: `path:line` (1-based) for JSONL, `path#row` otherwise."""
+    return f"{path}#{record}" if _kind(path) in ("parquet", "text") else f"{path}:{record + 1}"
+
+
+def read_file(path: Path, file_index: int, cfg: ReaderConfig, tally: Tally) -> Iterator[Doc]:
+    """The documents of one input file, in record order; everything else is counted in `tally`.
+
+    Every record read adds one to `tally.docs_in`, and is either yielded or dropped under a reason.
+    """
+    kind = _kind(path)
+    if kind == "parquet":
+        yield from _read_parquet(path, file_index, cfg, tally)
+    elif kind == "text":
+        yield from _read_text(path, file_index, cfg, tally)
+    else:
+        yield from _read_jsonl(path, file_index, cfg, tally)
+
+
+# --- checks before any job is submitted -----------------------------------------------------------------------------
+
+def _listed(names: set[str], most: int = 12) -> str:
+    shown = sorted(names)
+    return ", ".join(shown[:most]) + (f", ... ({len(shown)} in all)" if len(shown) > most else "") or "none"
+
+
+def _sampled_fields(path: Path, cfg: ReaderConfig, sample: int) -> list[set[str]]:
+    """The key sets of up to `sample` JSON objects (one set, the columns, for Parquet); [] when none could be read."""
+    if _kind(path) == "parquet":
+        try:
+            return [set(pq.ParquetFile(path).schema_arrow.names)]
+        except (pa.ArrowException, OSError):
+            return []
+    seen = []
+    for count, (_, line, _) in enumerate(_lines(path, cfg.max_doc_bytes, Tally()), 1):
+        obj, _, _ = _parse(line)
+        if obj is not None:
+            seen.append(set(obj))
+        if count >= sample:
+            break
+    return seen
+
+
+def preflight(paths: Sequence[Path], cfg: ReaderConfig, sample: int = 100) -> None:
+    """Cheap check that the configured fields exist: raises InputError when a field is in no sampled record.
+
+    Only JSONL and Parquet files are sampled (plain text has no fields); empty and corrupt files are
+    left to the reader, which counts them.
+    """
+    samples: list[list[set[str]]] = []
+    for path in paths:
+        if _kind(path) == "text":
+            continue
+        try:
+            fields = _sampled_fields(path, cfg, sample)
+        except OSError as e:
+            raise InputError(f"input '{path}' cannot be read: {e.strerror or e}") from None
+        if fields:
+            samples.append(fields)
+    if not samples:
+        return
+    seen = set().union(*(keys for fields in samples for keys in fields))
+    for what, name in (("text", cfg.text_field), ("id", cfg.id_field), ("group", cfg.group_field)):
+        if name and not any(name in keys for fields in samples for keys in fields):
+            raise InputError(f"{what} field '{name}' is missing from every record sampled in {len(samples)} input "
+                             f"files; set shard.reader.{what}_field (fields seen: {_listed(seen)})")
+
+
+def _brief(error: BaseException) -> str:
+    """An exception as one short line: samples and log lines are read one per line."""
+    return " ".join(str(error).split())[:160]
+
+
+def _warn(path: Path, message: str) -> None:
+    # A whole-file problem has no record to count a drop against, so it goes to the task log too.
+    print(f"[read] {path}: {message}", file=sys.stderr, flush=True)
