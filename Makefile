@@ -12,7 +12,7 @@ ifeq ($(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 
 export DS_ACCELERATOR ?= cpu
 endif
 
-.PHONY: install corpus-packages demo test lint cluster-start cluster-stop clean
+.PHONY: install corpus-packages bench demo test lint cluster-start cluster-stop clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "stillroom needs Python >= 3.11; set PYTHON=python3.11")'
@@ -40,6 +40,12 @@ test: corpus-packages
 	$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$was_up = 0 ]; then bash slurm/local_cluster.sh stop || true; fi; \
 	exit $$rc
+
+# Benchmarks compare against datasketch and datatrove, installed for them only (xxhash<4: datatrove's
+# MinHash breaks on xxhash 4; spaCy is datatrove's offline English word splitter).
+bench: corpus-packages
+	$(PY) -m pip install -q datasketch datatrove spacy orjson "xxhash<4"
+	$(PY) benchmarks/shard_throughput.py $(BENCH_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check launcher slurm sharding training tests

@@ -1,15 +1,18 @@
 """MinHash speed against datasketch, and near-duplicate precision/recall on planted copies.
 
-    .venv/bin/python benchmarks/minhash_quality.py [--mb 20] [--docs 600]
+    .venv/bin/python benchmarks/minhash_quality.py [--mb 20] [--docs 1500] [--repeat 3]
+                                                   [--ngram 5 --bands 14 --threshold 0.8]
 
 Needs `pip install datasketch` (benchmark only). English text comes from what the machine has:
 the Python documentation sources, the licenses in /usr/share/common-licenses and the packages'
-copyright files. Everything is seeded; the only thing that varies between runs is the timing.
+copyright files. Everything is seeded; only the timings vary between runs.
 
-Speed: both sides get the same documents, the same shingles and num_perm. Ours is timed from the
-raw text (splitting, hashing and all); datasketch only for `MinHash.bulk` over shingle byte strings
-made beforehand, untimed, which favours datasketch. Batches alternate between the two, so load
-from other processes hits both alike.
+Speed: both sides get the same documents in batches of 256, the same num_perm and the same
+shingles. Ours is timed from the raw text (splitting, hashing and all). datasketch is timed twice:
+`MinHash.bulk` alone over shingle byte strings made beforehand (its best case, the goal's
+baseline), and with making those byte strings. Each batch runs `--repeat` times, alternating
+between the two sides, and its best time counts, so bursts of other work on the machine hit
+neither side.
 
 Quality: base documents chosen so that no two share a true 5-gram Jaccard of 0.3 or more (the
 copyright files repeat license texts, which would otherwise be unplanted duplicates), near copies
@@ -78,7 +81,10 @@ def first_mb(docs: list[str], mb: float) -> list[str]:
 
 def throughput(docs: list[str], cfg: MinHashConfig, repeat: int) -> tuple[float, float, float]:
     """MB/s of ours, of datasketch's bulk over given shingles, and of datasketch with the shingling."""
-    from datasketch import MinHash
+    try:
+        from datasketch import MinHash
+    except ImportError:
+        sys.exit("the speed comparison needs datasketch: .venv/bin/pip install datasketch")
 
     hasher = MinHasher(cfg)
     ours = theirs = shingling = 0.0

@@ -10,9 +10,10 @@ from launcher.config import ConfigError, apply_overrides, build, read_toml
 from sharding.config import ShardConfig
 from slurm.probe import ProbeConfig
 from slurm.resources import Resources
+from training.config import TrainConfig
 
 # Sections whose `resources` table inherits the top-level [resources] defaults.
-STAGE_SECTIONS = ("probe", "shard")
+STAGE_SECTIONS = ("probe", "shard", "cpt")
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,7 @@ class RunConfig:
     resources: Resources = field(default_factory=Resources)  # defaults for every stage's [<stage>.resources]
     probe: ProbeConfig = field(default_factory=ProbeConfig)  # the environment-report stage
     shard: ShardConfig = field(default_factory=ShardConfig)  # raw corpora -> cleaned, packed, verified shards
+    cpt: TrainConfig = field(default_factory=TrainConfig)  # continued pretraining with DeepSpeed
 
     @property
     def run_dir(self) -> Path:

@@ -63,13 +63,28 @@ def _shard_reduce(cfg: RunConfig, out: Path, env: TaskEnv, element: int | None) 
     return reduce_shards(cfg.shard, out, config_hash(cfg.shard.data_config()))
 
 
+def _cpt_train(cfg: RunConfig, out: Path, env: TaskEnv, element: int | None) -> Any:
+    from training.loop import CPT, train  # torch and deepspeed load only in the jobs that train
+
+    train_cfg = cfg.cpt
+    if not train_cfg.data.sources:  # the pipeline's own shards
+        train_cfg = replace(train_cfg, data=replace(train_cfg.data, sources=(str(out.parent / "shard"),)))
+    return train(train_cfg, out, env, CPT, config_hash(cfg.cpt))
+
+
+def _cpt_preflight(cfg: RunConfig) -> None:
+    if not (Path(cfg.cpt.model.path) / "config.json").is_file():
+        raise ValueError(f"cpt.model.path '{cfg.cpt.model.path}' is not a local Hugging Face model folder")
+
+
 def _stages() -> MappingProxyType[str, Stage]:
     probe = Step("probe", lambda cfg, out, env, element: run_probe(cfg.probe, out, env, element),
                  lambda cfg: cfg.probe.array_size)
     shard = Stage("shard", (Step("map", _shard_map, lambda cfg: cfg.shard.tasks),
                             Step("reduce", _shard_reduce, single_task=True)),
                   preflight=lambda cfg: check_inputs(cfg.shard), summary=summary_table)
-    return MappingProxyType({"probe": Stage("probe", (probe,)), "shard": shard})
+    cpt = Stage("cpt", (Step("train", _cpt_train),), preflight=_cpt_preflight)
+    return MappingProxyType({"probe": Stage("probe", (probe,)), "shard": shard, "cpt": cpt})
 
 
 STAGES = _stages()

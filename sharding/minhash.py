@@ -84,7 +84,11 @@ _ASCII_FOLD = bytes.maketrans(bytes(range(0x41, 0x5B)) + bytes(range(0x1C, 0x20)
 
 
 def words(text: str) -> list[bytes]:
-    """The words shingles are made of: `text.lower().split()` (Unicode whitespace), UTF-8 encoded."""
+    """The words shingles are made of: `text.lower().split()` (Unicode whitespace), UTF-8 encoded.
+
+    The reference for tests and for feeding other MinHash libraries; `MinHasher` hashes the same
+    words without building a Python object per word.
+    """
     if text.isascii():  # O(1) in CPython; about half the cost of splitting str and encoding each word
         return text.encode().translate(_ASCII_FOLD).split()
     # surrogatepass: lone surrogates (from surrogateescape decoding) must not crash a shard
@@ -110,7 +114,8 @@ class MinHasher:
         self._b = (params[1::2] % np.uint64(MERSENNE)).reshape(-1, 1)
         # Odd multipliers keep each word's contribution invertible mod 2^64; the last one weighs the length.
         self._gram = _stable_u64("stillroom.minhash.ngram", cfg.ngram + 1) | np.uint64(1)
-        self._length_term = self._gram[-1] * np.arange(cfg.ngram + 1, dtype=np.uint64)  # [words in the shingle]
+        # Indexed by a shingle's word count: a short document's "a b" differs from any longer shingle.
+        self._length_term = self._gram[-1] * np.arange(cfg.ngram + 1, dtype=np.uint64)
         self._band_mix = _stable_u64("stillroom.minhash.bands", cfg.rows) | np.uint64(1)
         self._chunk = max(256, _CHUNK_ELEMENTS // cfg.num_perm)
         # b materialised: adding it runs at SIMD speed, a broadcast (num_perm, 1) column ~1.7x slower.

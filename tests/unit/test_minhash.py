@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -124,6 +125,16 @@ def test_signatures_are_the_universal_hash_minimum_and_batch_independent() -> No
         assert sigs[i, :4].tolist() == expected, i
     # Any split of the documents into batches gives the same signatures.
     assert np.array_equal(np.concatenate([hasher.signatures(texts[:3]), hasher.signatures(texts[3:])]), sigs)
+
+
+def test_threads_sharing_one_hasher_get_the_serial_signatures() -> None:
+    hasher = MinHasher(CFG)
+    batches = [[" ".join(d) for d in _docs(20, 600, seed=20 + i)] for i in range(4)]
+    serial = [hasher.signatures(b) for b in batches]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        for _ in range(3):  # numpy drops the GIL mid-batch: shared scratch would mix the batches up
+            parallel = list(pool.map(hasher.signatures, batches))
+            assert all(np.array_equal(p, s) for p, s in zip(parallel, serial, strict=True))
 
 
 def test_shingle_hashes_stand_for_the_reference_shingles() -> None:

@@ -1,0 +1,83 @@
+"""Configuration of the training loop shared by continued pretraining and distillation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from slurm.resources import Resources
+from training.data import DataConfig
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: str = ""  # a local Hugging Face causal-LM folder (config.json + safetensors); never downloaded
+    dtype: Literal["fp32", "bf16"] = "fp32"  # training precision; bf16 needs a GPU (or a slow CPU)
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more compute
+    dropout: float = -1.0  # attention/hidden dropout during training (-1: keep the model's own setting)
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 3e-5  # peak learning rate after the re-warm
+    min_lr_ratio: float = 0.1  # floor of the re-decay, as a fraction of the peak
+    warmup_steps: int = 100  # optimizer steps of linear re-warm from zero
+    schedule: Literal["cosine", "wsd"] = "cosine"  # cosine decay, or warmup-stable-decay
+    decay_fraction: float = 0.2  # wsd: share of the steps spent decaying at the end
+    weight_decay: float = 0.1  # AdamW decoupled weight decay (an overfitting defence on small domains)
+    beta1: float = 0.9  # AdamW first-moment decay
+    beta2: float = 0.95  # AdamW second-moment decay
+    eps: float = 1e-8  # AdamW epsilon
+    grad_clip: float = 1.0  # clip the global gradient norm to this (0: off)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    zero_stage: int = 2  # DeepSpeed ZeRO stage 0-3: what is sharded across ranks (optimizer, +grads, +params)
+    micro_batch: int = 1  # sequences per rank per forward pass
+    grad_accum: int = 1  # micro-batches per optimizer step (global batch = micro_batch * grad_accum * ranks)
+    offload_optimizer: bool = False  # keep optimizer state in CPU memory (ZeRO 1-3)
+    offload_params: bool = False  # keep parameters in CPU memory (ZeRO 3)
+    overrides: dict[str, str] = field(default_factory=dict)  # DeepSpeed JSON keys, dotted, values as JSON text
+
+    def __post_init__(self) -> None:
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.micro_batch < 1 or self.grad_accum < 1:
+            raise ValueError("micro_batch and grad_accum must be at least 1")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    every: int = 100  # evaluate every this many optimizer steps (and at the end)
+    batches: int = 20  # most micro-batches per validation set per rank
+    patience: int = 0  # stop after this many evaluations without improvement of domain loss (0: never)
+    min_delta: float = 0.0  # improvement smaller than this does not count
+    forgetting_pct: float = 10.0  # warn when general perplexity rises this many % above the base model's
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    every_steps: int = 100  # checkpoint every this many optimizer steps (0: only on time and stop)
+    every_minutes: float = 30.0  # and at least this often in wall-clock time (0: off)
+    keep_last: int = 2  # complete checkpoints kept besides the best one
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    resources: Resources = field(default_factory=Resources)  # nodes, tasks (one per GPU), time limit
+    model: ModelConfig = field(default_factory=ModelConfig)  # the model to train
+    data: DataConfig = field(default_factory=DataConfig)  # training shards and mixing weights
+    domain_val: str = ""  # shard folder whose val split measures the domain ("": the first source)
+    general_val: str = ""  # shard folder whose val split measures forgetting ("": none)
+    steps: int = 1000  # optimizer steps in total
+    optim: OptimConfig = field(default_factory=OptimConfig)  # AdamW and the LR schedule
+    engine: EngineConfig = field(default_factory=EngineConfig)  # DeepSpeed ZeRO, batch sizes
+    eval: EvalConfig = field(default_factory=EvalConfig)  # validation, early stopping, forgetting alarm
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)  # when to save and what to keep
+    log_every: int = 10  # write a metrics line every this many steps
+    export: Literal["final", "best"] = "final"  # which weights become the Hugging Face export
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"steps must be at least 1, got {self.steps}")

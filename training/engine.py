@@ -1,0 +1,111 @@
+"""Distributed start-up, the model, and the DeepSpeed engine, all from the stillroom config.
+
+The same code runs with gloo on CPU (tests, this machine) and NCCL on GPUs (clusters): the backend
+and device follow from whether CUDA is available, and rendezvous comes from the task environment.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from slurm.taskenv import TaskEnv
+from training.config import TrainConfig
+
+
+def setup_distributed(env: TaskEnv) -> torch.device:
+    """Join the job's process group; returns this rank's device."""
+    on_gpu = torch.cuda.is_available()
+    os.environ.update(env.torch_env())
+    if not on_gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read when deepspeed is first imported
+    import deepspeed
+
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", auto_mpi_discovery=False,
+                                   timeout=timedelta(minutes=30))
+    if on_gpu:
+        torch.cuda.set_device(env.local_rank)
+        return torch.device("cuda", env.local_rank)
+    return torch.device("cpu")
+
+
+def _set_dotted(config: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        config = config.setdefault(part, {})
+    config[leaf] = value
+
+
+def deepspeed_config(cfg: TrainConfig, on_gpu: bool) -> dict[str, Any]:
+    """The DeepSpeed JSON for this run; saved beside the checkpoints. The LR is set by the loop."""
+    zero: dict[str, Any] = {"stage": cfg.engine.zero_stage}
+    if cfg.engine.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
+    if cfg.engine.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": on_gpu}
+    if cfg.engine.zero_stage == 3:
+        # Consolidated 16-bit weights on save, so the export needs no offline conversion step.
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    config: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": cfg.engine.micro_batch,
+        "gradient_accumulation_steps": cfg.engine.grad_accum,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": zero,
+        "optimizer": {"type": "AdamW", "params": {
+            "lr": cfg.optim.lr, "betas": [cfg.optim.beta1, cfg.optim.beta2], "eps": cfg.optim.eps,
+            "weight_decay": cfg.optim.weight_decay,
+            # FusedAdam/CPUAdam would JIT-compile for minutes; torch's AdamW is exact and fine on CPU.
+            "torch_adam": not on_gpu}},
+        "bf16": {"enabled": cfg.model.dtype == "bf16"},
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+    for key, text in cfg.engine.overrides.items():
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = text
+        _set_dotted(config, key, value)
+    return config
+
+
+def model_fingerprint(path: str) -> str:
+    """Identity of a model's architecture (its config.json), so a resume onto another model is refused."""
+    config = json.loads((Path(path) / "config.json").read_text())
+    config.pop("transformers_version", None)
+    config.pop("torch_dtype", None)
+    config.pop("dtype", None)
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+
+
+def load_model(path: str, dtype: str, dropout: float, gradient_checkpointing: bool) -> torch.nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if not (Path(path) / "config.json").is_file():
+        raise ValueError(f"model '{path}' is not a local Hugging Face model folder (no config.json)")
+    overrides: dict[str, Any] = {}
+    if dropout >= 0:
+        config = AutoConfig.from_pretrained(path)
+        overrides = {k: dropout for k in ("attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop",
+                                          "attn_pdrop", "dropout") if hasattr(config, k)}
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.bfloat16 if dtype == "bf16" else torch.float32, **overrides)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+    return model
+
+
+def build_engine(cfg: TrainConfig, model: torch.nn.Module, on_gpu: bool) -> Any:
+    import deepspeed
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=deepspeed_config(cfg, on_gpu))
+    return engine
