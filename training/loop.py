@@ -10,11 +10,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,8 @@ from training.evaluate import EarlyStopping, evaluate
 from training.export import export_model
 from training.schedule import lr_at
 from training.stop import REQUEUE_EXIT_CODE, StopRequest
+
+TRAIN_STATE = "train_state.json"  # inside each checkpoint, written by rank 0
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,33 @@ def _exit_for_requeue(stop: StopRequest, rank: int) -> None:
     sys.exit(REQUEUE_EXIT_CODE)
 
 
+def _saved_world(checkpoint: Path) -> int:
+    return int(json.loads((checkpoint / "COMPLETE").read_text()).get("world_size", 0))
+
+
+def _universal(checkpoint: Path, root: Path, rank: int) -> Path:
+    """The checkpoint in DeepSpeed's universal format (converted once, by rank 0), loadable on any rank count."""
+    target = root / checkpoint.name
+    if rank == 0 and not target.exists():
+        from deepspeed.checkpoint.ds_to_universal import main as to_universal
+        from deepspeed.checkpoint.ds_to_universal import parse_arguments
+
+        tmp = root / f"{checkpoint.name}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        root.mkdir(parents=True, exist_ok=True)
+        saved_argv = sys.argv
+        try:
+            sys.argv = ["ds_to_universal", "--input_folder", str(checkpoint), "--output_folder", str(tmp),
+                        "--num_extract_workers", "1", "--num_merge_workers", "1"]
+            to_universal(parse_arguments())
+        finally:
+            sys.argv = saved_argv
+        tmp.rename(target)
+    if dist.is_initialized():
+        dist.barrier()
+    return target
+
+
 def _choose_checkpoint(checkpoints: Checkpointer, rank: int) -> Path | None:
     """Rank 0 validates and picks; the others follow, so a lagging shared filesystem cannot split them."""
     choice = [str(checkpoints.latest_valid()) if rank == 0 else None]
@@ -94,6 +124,14 @@ def train(cfg: TrainConfig, out: Path, env: TaskEnv, objective: Objective, confi
     val_sets = {"domain": EvalSet(OpenedSource(cfg.domain_val or cfg.data.sources[0], "val"), eval_rows)}
     if cfg.general_val:
         val_sets["general"] = EvalSet(OpenedSource(cfg.general_val, "val"), eval_rows)
+    checkpoints = Checkpointer(out / "checkpoints", cfg.checkpoint.keep_last, rank, world, dist.barrier)
+    resumed = _choose_checkpoint(checkpoints, rank)
+    load_from = resumed
+    if resumed is not None and _saved_world(resumed) != world and cfg.engine.zero_stage > 0:
+        # ZeRO shards optimizer state by rank; another rank count needs DeepSpeed's universal format.
+        load_from = _universal(resumed, out / "universal", rank)
+        cfg = replace(cfg, engine=replace(cfg.engine, overrides={**cfg.engine.overrides,
+                                                                  "checkpoint.load_universal": "true"}))
     model = load_model(cfg.model.path, cfg.model.dtype, cfg.model.dropout, cfg.model.gradient_checkpointing)
     engine = build_engine(cfg, model, device.type == "cuda")
     if main:
@@ -101,7 +139,6 @@ def train(cfg: TrainConfig, out: Path, env: TaskEnv, objective: Objective, confi
     state = TrainState(manifest_sha256=[s.manifest_sha256 for s in sources], config_sha256=config_sha256,
                        model_fingerprint=model_fingerprint(cfg.model.path), tokenizer_sha256=tokenizer_sha,
                        seq_len=seq_len)
-    checkpoints = Checkpointer(out / "checkpoints", cfg.checkpoint.keep_last, rank, world, dist.barrier)
     stop = StopRequest().install()
     end_time = env.end_time or (slurm_job_end_time(env.job_id) if env.launcher == "slurm" and main else None)
     stop.set_deadline(end_time, margin_s=float(cfg.resources.signal_lead_s))
@@ -114,11 +151,10 @@ def train(cfg: TrainConfig, out: Path, env: TaskEnv, objective: Objective, confi
             log.flush()
 
     # --- resume from the newest valid checkpoint, if any ---------------------------------------------------------
-    resumed = _choose_checkpoint(checkpoints, rank)
-    if resumed is not None:
-        _, client = engine.load_checkpoint(str(resumed.parent), tag=resumed.name, load_lr_scheduler_states=False)
+    if resumed is not None and load_from is not None:
+        engine.load_checkpoint(str(load_from.parent), tag=load_from.name, load_lr_scheduler_states=False)
         saved = TrainState()
-        saved.load_state_dict(client["train_state"])
+        saved.load_state_dict(json.loads((resumed / TRAIN_STATE).read_text()))
         if problems := saved.compatible_with(state):
             raise ValueError(f"cannot resume from {resumed}: {'; '.join(problems)}")
         state.load_state_dict({**saved.state_dict(), "config_sha256": config_sha256,
@@ -137,9 +173,12 @@ def train(cfg: TrainConfig, out: Path, env: TaskEnv, objective: Objective, confi
         state.loader, state.early_stop = dict(stream.state_dict()), early.state_dict()
 
         def write(folder: Path) -> None:
-            engine.save_checkpoint(str(folder.parent), tag=folder.name,
-                                   client_state={"train_state": state.state_dict()}, save_latest=False)
+            # The (empty) universal info lets ds_to_universal convert it for a resume on another rank count.
+            engine.save_checkpoint(str(folder.parent), tag=folder.name, save_latest=False,
+                                   client_state={"universal_checkpoint_info": {}})
             write_json_atomic(rng_file(folder, rank), capture_rng())
+            if main:
+                write_json_atomic(folder / TRAIN_STATE, state.state_dict())
 
         began = time.monotonic()
         path = checkpoints.save(state.step, write, metric=metric)

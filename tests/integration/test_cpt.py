@@ -158,3 +158,33 @@ def test_cpt_across_two_slurm_nodes(tmp_path: Path, shards: Path, base_model: Pa
     assert "node=1(2), global_rank=1(2)" in rank1, "rank 1 ran on the second node"
     assert metrics(run.path, "train")[-1]["step"] == 6
     assert (run.path / "cpt" / "export" / "COMPLETE").exists()
+
+
+def test_two_rank_run_resumed_on_one_rank_continues_the_same_data(tmp_path: Path, shards: Path,
+                                                                  base_model: Path) -> None:
+    overrides = ["cpt.steps=16", "cpt.eval.every=100", "cpt.log_every=1", "cpt.checkpoint.every_steps=0"]
+    reference = cpt_config(tmp_path / "reference", shards, base_model)
+    assert main(["run", str(reference), *overrides]) == 0
+    config = cpt_config(tmp_path / "elastic", shards, base_model)
+    run = RunDir.create(load_run_config(config, overrides))
+    run.update_stage("cpt", status="submitted", tasks=2, executor="local")
+    procs = _run_trainer(run.path, 2, 29621)
+    log = run.path / "cpt" / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and not (log.exists() and '"kind": "train", "step": 6,' in log.read_text()):
+        time.sleep(0.05)
+    for p in procs:
+        p.send_signal(signal.SIGUSR2)
+    assert [p.wait(timeout=120) for p in procs] == [REQUEUE_EXIT_CODE] * 2
+    stopped = [r for r in map(json.loads, log.read_text().splitlines()) if r["kind"] == "stop"][-1]["step"]
+    # Same global batch on one rank: twice the accumulation. The config change is allowed on resume.
+    one_rank = load_run_config(config, [*overrides, "cpt.engine.grad_accum=4", "cpt.resources.tasks_per_node=1"])
+    (run.path / "config.toml").unlink()
+    RunDir.create(one_rank)
+    (proc,) = _run_trainer(run.path, 1, 29622)
+    assert proc.wait(timeout=300) == 0
+    ref = {r["step"]: r["loss"] for r in metrics(tmp_path / "reference" / "runs" / "cpt", "train")}
+    got = {r["step"]: r["loss"] for r in metrics(run.path, "train")}
+    assert stopped < 16 and set(got) == set(ref)
+    for step in range(stopped + 1, 17):  # after the resume: same samples, only the reduction order differs
+        assert got[step] == pytest.approx(ref[step], rel=1e-4), step
