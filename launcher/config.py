@@ -59,7 +59,10 @@ def field_docs(cls: type, prefix: str = "") -> dict[str, str]:
     `stillroom config --docs` output can never disagree.
     """
     docs: dict[str, str] = {}
-    own = _comment_docs(cls)
+    own: dict[str, str] = {}
+    for base in reversed(cls.__mro__):  # a config may extend another (distill extends the training config)
+        if dataclasses.is_dataclass(base):
+            own.update(_comment_docs(base))
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         key = f"{prefix}{f.name}"

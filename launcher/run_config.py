@@ -10,10 +10,10 @@ from launcher.config import ConfigError, apply_overrides, build, read_toml
 from sharding.config import ShardConfig
 from slurm.probe import ProbeConfig
 from slurm.resources import Resources
-from training.config import TrainConfig
+from training.config import DistillConfig, TrainConfig
 
 # Sections whose `resources` table inherits the top-level [resources] defaults.
-STAGE_SECTIONS = ("probe", "shard", "cpt")
+STAGE_SECTIONS = ("probe", "shard", "cpt", "distill")
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,7 @@ class RunConfig:
     probe: ProbeConfig = field(default_factory=ProbeConfig)  # the environment-report stage
     shard: ShardConfig = field(default_factory=ShardConfig)  # raw corpora -> cleaned, packed, verified shards
     cpt: TrainConfig = field(default_factory=TrainConfig)  # continued pretraining with DeepSpeed
+    distill: DistillConfig = field(default_factory=DistillConfig)  # a smaller student learns from the teacher
 
     @property
     def run_dir(self) -> Path:

@@ -77,6 +77,32 @@ def _cpt_preflight(cfg: RunConfig) -> None:
         raise ValueError(f"cpt.model.path '{cfg.cpt.model.path}' is not a local Hugging Face model folder")
 
 
+def _distill_cfg(cfg: RunConfig, out: Path) -> Any:
+    train_cfg = cfg.distill
+    if not train_cfg.data.sources:  # the pipeline's own shards
+        train_cfg = replace(train_cfg, data=replace(train_cfg.data, sources=(str(out.parent / "shard"),)))
+    return train_cfg
+
+
+def _distill_student(cfg: RunConfig, out: Path, env: TaskEnv, element: int | None) -> Any:
+    from training.distill import prepare_student
+
+    return prepare_student(_distill_cfg(cfg, out), out)
+
+
+def _distill_train(cfg: RunConfig, out: Path, env: TaskEnv, element: int | None) -> Any:
+    from training.distill import distil
+
+    return distil(_distill_cfg(cfg, out), out, env, config_hash(cfg.distill))
+
+
+def _distill_preflight(cfg: RunConfig) -> None:
+    if not cfg.distill.student_layers and not (Path(cfg.distill.model.path) / "config.json").is_file():
+        raise ValueError("set distill.student_layers (a student from the teacher's layers) or distill.model.path")
+    if cfg.distill.teacher and not (Path(cfg.distill.teacher) / "config.json").is_file():
+        raise ValueError(f"distill.teacher '{cfg.distill.teacher}' is not a local Hugging Face model folder")
+
+
 def _stages() -> MappingProxyType[str, Stage]:
     probe = Step("probe", lambda cfg, out, env, element: run_probe(cfg.probe, out, env, element),
                  lambda cfg: cfg.probe.array_size)
@@ -84,7 +110,9 @@ def _stages() -> MappingProxyType[str, Stage]:
                             Step("reduce", _shard_reduce, single_task=True)),
                   preflight=lambda cfg: check_inputs(cfg.shard), summary=summary_table)
     cpt = Stage("cpt", (Step("train", _cpt_train),), preflight=_cpt_preflight)
-    return MappingProxyType({"probe": Stage("probe", (probe,)), "shard": shard, "cpt": cpt})
+    distill = Stage("distill", (Step("student", _distill_student, single_task=True), Step("train", _distill_train)),
+                    preflight=_distill_preflight)
+    return MappingProxyType({"probe": Stage("probe", (probe,)), "shard": shard, "cpt": cpt, "distill": distill})
 
 
 STAGES = _stages()

@@ -28,7 +28,7 @@ from typing import Any, Literal
 
 import zstandard
 
-from slurm.files import write_atomic
+from slurm.files import fsync_dir, write_atomic
 
 ZSTD_LEVEL = 10
 
@@ -290,14 +290,6 @@ def _up_to_date(target: Path, corpus: Corpus, limit: int | None) -> bool:
         and marker.get("bytes") == size
 
 
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def build_corpus(name: str, out_dir: Path, limit: int | None = None) -> Path:
     """Write `out_dir/<name>.jsonl.zst` (its first `limit` documents only, if given) unless already done.
 
@@ -341,7 +333,7 @@ def build_corpus(name: str, out_dir: Path, limit: int | None = None) -> Path:
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
-    _fsync_dir(out_dir)
+    fsync_dir(out_dir)
     with target.open("rb") as f:
         sha256 = hashlib.file_digest(f, "sha256").hexdigest()
     seconds = time.monotonic() - start

@@ -81,3 +81,22 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.steps < 1:
             raise ValueError(f"steps must be at least 1, got {self.steps}")
+
+
+@dataclass(frozen=True)
+class DistillConfig(TrainConfig):
+    teacher: str = ""  # the teacher's Hugging Face folder ("": this run's cpt export)
+    student_layers: int = 0  # derive the student by keeping this many of the teacher's layers (0: model.path)
+    alpha: float = 0.5  # weight of the plain cross-entropy; 1 - alpha weighs the distillation term
+    temperature: float = 2.0  # softens both distributions in the distillation term (scaled back by T^2)
+    divergence: Literal["forward_kl", "reverse_kl", "jsd", "skew_kl"] = "forward_kl"  # D(teacher || student)
+    beta: float = 0.5  # mixing weight of jsd and skew_kl
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {self.temperature}")
+        if self.student_layers < 0:
+            raise ValueError(f"student_layers must not be negative, got {self.student_layers}")

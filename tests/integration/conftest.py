@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from launcher.cli import main
 from sharding.corpus import build_corpus, read_corpus
 from sharding.tokenize import train_bpe_tokenizer
+from training.tiny import build_tiny_llama
 
 
 @pytest.fixture(scope="session")
@@ -35,3 +37,23 @@ def shard_config(folder: Path, inputs: list[Path], tokenizer: Path, *extra: str)
         "[shard.resources]", "time_min = 10", "mem_gb = 2", "[shard.reader]", 'group_field = "group"', *extra, "",
     ]))
     return path
+
+
+@pytest.fixture(scope="session")
+def shards(tmp_path_factory: pytest.TempPathFactory, corpora: dict[str, Path], tokenizer_dir: Path) -> Path:
+    folder = tmp_path_factory.mktemp("cpt-shards")
+    config = shard_config(folder, [corpora["licenses"], corpora["wiki"]], tokenizer_dir)
+    assert main(["shard", str(config), "shard.seq_len=64", "shard.val_fraction=0.2"]) == 0
+    return folder / "runs" / "shard" / "shard"
+
+
+@pytest.fixture(scope="session")
+def base_model(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Path:
+    return build_tiny_llama(tokenizer_dir / "tokenizer.json", tmp_path_factory.mktemp("model") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def teacher_model(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Path:
+    """A 4-layer tiny Llama: a teacher whose half is a 2-layer student."""
+    return build_tiny_llama(tokenizer_dir / "tokenizer.json", tmp_path_factory.mktemp("teacher") / "tiny", layers=4,
+                            seed=1)

@@ -18,24 +18,8 @@ from launcher.run_config import load_run_config
 from launcher.rundir import RunDir
 from launcher.status import log_files
 from training.stop import REQUEUE_EXIT_CODE
-from training.tiny import build_tiny_llama
-
-from .conftest import shard_config
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory: pytest.TempPathFactory, corpora: dict[str, Path], tokenizer_dir: Path) -> Path:
-    folder = tmp_path_factory.mktemp("cpt-shards")
-    config = shard_config(folder, [corpora["licenses"], corpora["wiki"]], tokenizer_dir)
-    assert main(["shard", str(config), "shard.seq_len=64", "shard.val_fraction=0.2"]) == 0
-    return folder / "runs" / "shard" / "shard"
-
-
-@pytest.fixture(scope="module")
-def base_model(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Path:
-    return build_tiny_llama(tokenizer_dir / "tokenizer.json", tmp_path_factory.mktemp("model") / "tiny")
 
 
 def cpt_config(folder: Path, shards: Path, model: Path, *lines: str) -> Path:
@@ -82,14 +66,23 @@ def test_zero_stages_train_and_export(tmp_path: Path, shards: Path, base_model: 
     assert provenance["steps"] == 12 and provenance["base_model"] == str(base_model)
 
 
-def _run_trainer(run_dir: Path, world: int, port: int) -> list[subprocess.Popen[bytes]]:
+def _run_trainer(run_dir: Path, world: int, port: int, stage: str = "cpt") -> list[subprocess.Popen[bytes]]:
+    """The stage's train step in `world` processes started torchrun-style (so signals reach them directly)."""
     procs = []
     for rank in range(world):
         env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
                "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
         procs.append(subprocess.Popen([sys.executable, "-c", "import sys; from launcher.stages import StageTask; "
-                                       "StageTask('cpt', 'train', sys.argv[1])()", str(run_dir)], env=env))
+                                       "StageTask(sys.argv[2], 'train', sys.argv[1])()", str(run_dir), stage],
+                                      env=env))
     return procs
+
+
+def wait_for_step(log: Path, step: int, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while not (log.exists() and f'"kind": "train", "step": {step},' in log.read_text()):
+        assert time.monotonic() < deadline, f"no step {step} in {log} after {timeout} s"
+        time.sleep(0.05)
 
 
 def test_sigusr2_checkpoints_and_resume_is_bitwise_exact(tmp_path: Path, shards: Path, base_model: Path) -> None:
@@ -101,9 +94,7 @@ def test_sigusr2_checkpoints_and_resume_is_bitwise_exact(tmp_path: Path, shards:
     run.update_stage("cpt", status="submitted", tasks=2, executor="local")
     procs = _run_trainer(run.path, 2, 29611)
     log = run.path / "cpt" / "metrics.jsonl"
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and not (log.exists() and '"kind": "train", "step": 10' in log.read_text()):
-        time.sleep(0.05)
+    wait_for_step(log, 10)
     procs[1].send_signal(signal.SIGUSR2)  # one rank is enough: the ranks agree at the next step boundary
     codes = [p.wait(timeout=120) for p in procs]
     assert codes == [REQUEUE_EXIT_CODE, REQUEUE_EXIT_CODE]
@@ -170,9 +161,7 @@ def test_two_rank_run_resumed_on_one_rank_continues_the_same_data(tmp_path: Path
     run.update_stage("cpt", status="submitted", tasks=2, executor="local")
     procs = _run_trainer(run.path, 2, 29621)
     log = run.path / "cpt" / "metrics.jsonl"
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and not (log.exists() and '"kind": "train", "step": 6,' in log.read_text()):
-        time.sleep(0.05)
+    wait_for_step(log, 6)
     for p in procs:
         p.send_signal(signal.SIGUSR2)
     assert [p.wait(timeout=120) for p in procs] == [REQUEUE_EXIT_CODE] * 2

@@ -1,0 +1,86 @@
+"""The distill stage with real DeepSpeed engines in 2 processes: a 2-layer student from a 4-layer teacher."""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+
+import pytest
+from safetensors.numpy import load_file
+
+from launcher.cli import main
+from launcher.run_config import load_run_config
+from launcher.rundir import RunDir
+from training.stop import REQUEUE_EXIT_CODE
+
+from .test_cpt import _run_trainer, wait_for_step
+
+pytestmark = pytest.mark.slow
+
+
+def distill_config(folder: Path, shards: Path, teacher: Path, *lines: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "distill.toml"
+    path.write_text("\n".join([
+        "[run]", f"root = {json.dumps(str(folder / 'runs'))}", 'name = "kd"', 'stages = ["distill"]',
+        "[distill]", "steps = 12", f"teacher = {json.dumps(str(teacher))}", "student_layers = 2",
+        f"domain_val = {json.dumps(str(shards))}", "temperature = 2.0", "alpha = 0.5", *lines,
+        "[distill.model]", "dropout = 0.0",
+        "[distill.data]", f"sources = {json.dumps([str(shards)])}",
+        "[distill.optim]", "lr = 1e-3", "warmup_steps = 2",
+        "[distill.engine]", "zero_stage = 3", "micro_batch = 2", "grad_accum = 2",
+        "[distill.eval]", "every = 6", "batches = 2",
+        "[distill.checkpoint]", "every_steps = 4",
+        "[distill.resources]", "tasks_per_node = 2", "time_min = 20", ""]))
+    return path
+
+
+def records(run_dir: Path, kind: str) -> list[dict]:  # type: ignore[type-arg]
+    lines = (run_dir / "distill" / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+def test_zero3_distillation_of_a_student_from_teacher_layers(tmp_path: Path, shards: Path,
+                                                             teacher_model: Path) -> None:
+    config = distill_config(tmp_path, shards, teacher_model)
+    assert main(["run", str(config)]) == 0
+    run_dir = tmp_path / "runs" / "kd"
+    student = json.loads((run_dir / "distill" / "student-init" / "student.json").read_text())
+    assert student["kept_layers"] == [0, 3] and student["params_student"] < student["params_teacher"]
+    evals = records(run_dir, "eval")
+    assert evals[0].get("base") and evals[-1]["domain_loss"] < evals[0]["domain_loss"]
+    export = run_dir / "distill" / "export"
+    provenance = json.loads((export / "provenance.json").read_text())
+    assert provenance["objective"] == "distill" and provenance["teacher"] == str(teacher_model)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(export)
+    assert model.config.num_hidden_layers == 2
+    tokenizer = AutoTokenizer.from_pretrained(export)
+    assert model.generate(**tokenizer("The licensee", return_tensors="pt"), max_new_tokens=4,
+                          do_sample=False).shape[1] > 2
+
+
+def test_interrupted_distillation_resumes_bitwise(tmp_path: Path, shards: Path, teacher_model: Path) -> None:
+    overrides = ["distill.steps=16", "distill.log_every=1", "distill.eval.every=8"]
+    reference = distill_config(tmp_path / "reference", shards, teacher_model)
+    assert main(["run", str(reference), *overrides]) == 0
+    config = distill_config(tmp_path / "interrupted", shards, teacher_model)
+    run = RunDir.create(load_run_config(config, overrides))
+    run.update_stage("distill", status="submitted", tasks=3, executor="local")
+    from training.distill import prepare_student
+
+    prepare_student(load_run_config(config, overrides).distill, run.stage_dir("distill"))
+    procs = _run_trainer(run.path, 2, 29631, stage="distill")
+    wait_for_step(run.path / "distill" / "metrics.jsonl", 6)
+    procs[0].send_signal(signal.SIGUSR2)
+    assert [p.wait(timeout=120) for p in procs] == [REQUEUE_EXIT_CODE] * 2
+    procs = _run_trainer(run.path, 2, 29632, stage="distill")
+    assert [p.wait(timeout=300) for p in procs] == [0, 0]
+    ref_dir = tmp_path / "reference" / "runs" / "kd"
+    assert {r["step"]: r["loss"] for r in records(run.path, "train")} == \
+        {r["step"]: r["loss"] for r in records(ref_dir, "train")}
+    a = load_file(str(ref_dir / "distill" / "export" / "model.safetensors"))
+    b = load_file(str(run.path / "distill" / "export" / "model.safetensors"))
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)

@@ -1,0 +1,168 @@
+"""Knowledge-distillation losses for the distill stage: the student learns from labels and from the teacher.
+
+    loss = alpha * CE(student, labels) + (1 - alpha) * T^2 * D(p_T, q_T)
+
+averaged per token over the positions whose label is not `ignore_index`. Causal-LM convention, as in
+Hugging Face: the logits at position t predict labels[t + 1], so the last position and the first label
+are dropped here and callers pass unshifted tensors. CE uses temperature 1; D compares the
+temperature-softened teacher p_T = softmax(teacher / T) and student q_T = softmax(student / T). The T^2
+factor keeps the gradient of D on the scale of CE's when T changes (Hinton et al. 2015).
+
+Divergences (per token, summed over the vocabulary; p is the teacher, q the student):
+  forward_kl  KL(p || q): mean-seeking, the classic KD loss.
+  reverse_kl  KL(q || p): mode-seeking.
+  jsd         generalised Jensen-Shannon of GKD (Agarwal et al. 2024), with m = beta*p + (1-beta)*q:
+              beta * KL(p || m) + (1 - beta) * KL(q || m), beta in (0, 1). beta = 0.5 is the usual JSD;
+              for small beta it behaves like beta * KL(p || q), near 1 like (1 - beta) * KL(q || p).
+              Same convention as TRL's GKDTrainer (its beta weights the teacher).
+  skew_kl     skew forward KL of DistiLLM (Ko et al. 2024): KL(p || beta*p + (1-beta)*q), beta in [0, 1);
+              beta = 0 is forward_kl, DistiLLM's default is 0.1. Mixing p into the target bounds the
+              log-ratio, so a student giving ~0 mass where the teacher has some cannot blow the loss up.
+
+Everything works on log-probabilities from log_softmax (never log(softmax)), so logits of any finite
+magnitude give finite losses and gradients.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal, get_args
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+Divergence = Literal["forward_kl", "reverse_kl", "jsd", "skew_kl"]
+FP16_MAX = 65504.0  # largest finite float16, the dtype the top-k cache stores logits in
+
+
+def _kl(log_a: Tensor, log_b: Tensor) -> Tensor:
+    """KL(a || b) per row from log-probabilities, summed over the last dim."""
+    return (log_a.exp() * (log_a - log_b)).sum(-1)
+
+
+def _log_mix(log_p: Tensor, log_q: Tensor, beta: float) -> Tensor:
+    """log(beta * p + (1 - beta) * q) without leaving log space, for beta in [0, 1)."""
+    if beta == 0.0:  # log(0) would put -inf into the logsumexp; the mixture is simply q
+        return log_q
+    return torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
+
+
+def _divergence(log_p: Tensor, log_q: Tensor, divergence: str, beta: float) -> Tensor:
+    """Per-row divergence of teacher log-probs `log_p` and student log-probs `log_q`, shape (N,)."""
+    if divergence == "forward_kl":
+        return _kl(log_p, log_q)
+    if divergence == "reverse_kl":
+        return _kl(log_q, log_p)
+    if divergence == "jsd":
+        log_m = _log_mix(log_p, log_q, beta)
+        return beta * _kl(log_p, log_m) + (1.0 - beta) * _kl(log_q, log_m)
+    if divergence == "skew_kl":
+        return _kl(log_p, _log_mix(log_p, log_q, beta))
+    raise AssertionError(divergence)  # _check rejected anything else
+
+
+def _check(alpha: float, temperature: float, divergence: str, beta: float) -> None:
+    if divergence not in get_args(Divergence):
+        raise ValueError(f"unknown divergence {divergence!r}: expected one of {get_args(Divergence)}")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    if not temperature > 0.0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if divergence == "jsd" and not 0.0 < beta < 1.0:
+        raise ValueError(f"jsd needs beta in (0, 1), got {beta}")  # 0 or 1 makes the JSD identically 0
+    if divergence == "skew_kl" and not 0.0 <= beta < 1.0:
+        raise ValueError(f"skew_kl needs beta in [0, 1), got {beta}")  # beta = 1 compares p with itself
+
+
+def _float(x: Tensor) -> Tensor:
+    # bf16/fp16 logits lose too much in log_softmax and in the KL's cancelling terms; float64 stays
+    # float64 so that gradcheck sees the exact computation.
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def _shifted_valid(labels: Tensor, ignore_index: int, *tensors: Tensor) -> tuple[Tensor, list[Tensor]]:
+    """Drop the last position of each (B, T, ...) tensor and the first label, keep the unmasked rows.
+
+    Selecting the rows (rather than multiplying by a mask) means masked positions take no part at all:
+    even inf/nan logits there change neither the loss nor any gradient.
+    """
+    target = labels[:, 1:]
+    keep = target != ignore_index
+    return target[keep], [t[:, :-1][keep] for t in tensors]
+
+
+def _combine(ce_sum: Tensor, d_sum: Tensor, n: int, alpha: float,
+             temperature: float) -> tuple[Tensor, dict[str, Tensor]]:
+    # With no unmasked token the sums are empty (0) and the loss is 0 rather than HF's 0/0 = nan.
+    count = max(n, 1)
+    ce, kd = ce_sum / count, d_sum / count
+    loss = alpha * ce + (1.0 - alpha) * temperature**2 * kd
+    return loss, {"ce": ce.detach(), "kd": kd.detach()}
+
+
+def kd_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, *, alpha: float, temperature: float,
+            divergence: str, beta: float = 0.5, ignore_index: int = -100) -> tuple[Tensor, dict[str, Tensor]]:
+    """Distillation loss against full teacher logits; (B, T, V) logits, (B, T) int64 labels, unshifted.
+
+    Returns the scalar loss and {"ce", "kd"} (detached, per-token means; "kd" is D before the T^2 factor).
+    """
+    _check(alpha, temperature, divergence, beta)
+    if student_logits.shape != teacher_logits.shape or student_logits.shape[:2] != labels.shape:
+        raise ValueError(f"shapes differ: student {tuple(student_logits.shape)}, teacher "
+                         f"{tuple(teacher_logits.shape)}, labels {tuple(labels.shape)}")
+    # Select the rows before upcasting so that no float32 copy of the masked rows is made.
+    target, (student, teacher) = _shifted_valid(labels, ignore_index, student_logits, teacher_logits)
+    student = _float(student)
+    ce_sum = F.cross_entropy(student, target, reduction="sum")
+    log_q = F.log_softmax(student / temperature, dim=-1)
+    # The teacher is frozen: no graph through it even if the caller forgot torch.no_grad().
+    log_p = F.log_softmax(_float(teacher.detach()) / temperature, dim=-1)
+    d_sum = _divergence(log_p, log_q, divergence, beta).sum()
+    return _combine(ce_sum, d_sum, target.numel(), alpha, temperature)
+
+
+def kd_loss_topk(student_logits: Tensor, teacher_topk_values: Tensor, teacher_topk_indices: Tensor, labels: Tensor,
+                 *, alpha: float, temperature: float, divergence: str, beta: float = 0.5,
+                 ignore_index: int = -100) -> tuple[Tensor, dict[str, Tensor]]:
+    """Distillation loss against a cached top-k of the teacher's logits, (B, T, k) values and indices.
+
+    Both distributions live on the teacher's top-k support S (per position), each renormalised over S:
+        p_T(i) = exp(v_i / T) / sum_{j in S} exp(v_j / T)          (teacher mass outside S taken as 0)
+        q_T(i) = exp(s_i / T) / sum_{j in S} exp(s_j / T)          (s = student logits gathered at S)
+    i.e. log_softmax over the k cached values / T and over the k gathered student logits / T, and D is
+    computed between these two k-way distributions. So D only pushes on the student's logits at S (and
+    only their relative values there); CE still uses the full student vocabulary at temperature 1.
+    With k = V (indices in any order) this is exactly kd_loss. Indices may be int32 or int64.
+    """
+    _check(alpha, temperature, divergence, beta)
+    if teacher_topk_values.shape != teacher_topk_indices.shape or (
+        teacher_topk_values.shape[:2] != labels.shape or student_logits.shape[:2] != labels.shape
+    ):
+        raise ValueError(f"shapes differ: student {tuple(student_logits.shape)}, values "
+                         f"{tuple(teacher_topk_values.shape)}, indices {tuple(teacher_topk_indices.shape)}, "
+                         f"labels {tuple(labels.shape)}")
+    target, (student, values, indices) = _shifted_valid(
+        labels, ignore_index, student_logits, teacher_topk_values, teacher_topk_indices)
+    student = _float(student)
+    ce_sum = F.cross_entropy(student, target, reduction="sum")
+    log_q = F.log_softmax(student.gather(-1, indices.long()) / temperature, dim=-1)
+    log_p = F.log_softmax(_float(values.detach()) / temperature, dim=-1)
+    d_sum = _divergence(log_p, log_q, divergence, beta).sum()
+    return _combine(ce_sum, d_sum, target.numel(), alpha, temperature)
+
+
+def topk_logits(teacher_logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The teacher's k largest logits per position, for the cache: (values float16, indices int32).
+
+    float16 halves the cache and its rounding (~1e-3 relative) is far below the teacher's own noise;
+    int32 indices are enough for any vocabulary below 2^31, else int64. Raises if a logit does not fit
+    in float16 rather than cache an inf that would turn the loss into nan.
+    """
+    vocab = teacher_logits.shape[-1]
+    if not 0 < k <= vocab:
+        raise ValueError(f"k must be in [1, {vocab}], got {k}")
+    values, indices = torch.topk(teacher_logits.detach(), k, dim=-1)
+    if bool((values.abs() > FP16_MAX).any()):
+        raise ValueError(f"teacher logits exceed the float16 range (|x| > {FP16_MAX}); cannot cache them")
+    return values.half(), indices.to(torch.int32 if vocab < 2**31 else torch.int64)

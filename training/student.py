@@ -1,0 +1,170 @@
+"""Initialise a student by depth pruning: a copy of the teacher that keeps an evenly spaced subset of its layers.
+
+Like DistilBERT (every other layer) and Minitron (depth pruning), the student starts from the teacher's own
+weights rather than from noise: embeddings, final norm and LM head are copied, and each kept decoder layer is
+copied whole, so distillation starts close to the teacher and only has to repair the removed depth.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import itertools
+import json
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import torch
+
+from slurm.files import fsync_dir, write_json_atomic
+from training.engine import model_fingerprint
+from training.export import TOKENIZER_FILES
+
+DTYPES = MappingProxyType({"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16})
+# Config lists that name layer *indices* (not one entry per layer): remapped to the student's numbering.
+INDEX_LIST_KEYS = ("mlp_only_layers", "moe_layers")
+
+
+def choose_layers(n_teacher: int, n_student: int) -> list[int]:
+    """Indices of the teacher layers a student of `n_student` layers keeps: evenly spaced, first and last kept.
+
+    Layer i of the student is teacher layer round(i * (n_teacher - 1) / (n_student - 1)), rounding halves up
+    (exact integer arithmetic, so no float or banker's-rounding surprises). The step is >= 1, hence the
+    indices are strictly increasing. The first layer (reads the embeddings) and the last (feeds the head)
+    are the ones whose removal hurts most, which is why both are always kept.
+    """
+    if n_teacher < 1:
+        raise ValueError(f"the teacher must have at least 1 layer, got {n_teacher}")
+    if n_teacher == 1 and n_student == 1:
+        return [0]
+    if n_student < 2:
+        raise ValueError(f"a student needs at least 2 layers (first and last are kept), got {n_student}")
+    if n_student > n_teacher:
+        raise ValueError(f"a student cannot have more layers ({n_student}) than its teacher ({n_teacher})")
+    span, steps = n_teacher - 1, n_student - 1
+    return [(2 * i * span + steps) // (2 * steps) for i in range(n_student)]
+
+
+def _layer_prefix(model: torch.nn.Module, n_layers: int) -> str:
+    """State-dict prefix of the decoder layers ('model.layers.' for Llama, 'transformer.h.' for GPT-2).
+
+    Found from the model rather than hard-coded: the shallowest ModuleList with one entry per layer.
+    """
+    found = [name for name, module in model.named_modules()
+             if isinstance(module, torch.nn.ModuleList) and len(module) == n_layers]
+    depth = min((name.count(".") for name in found), default=-1)
+    top = [name for name in found if name.count(".") == depth]
+    if len(top) != 1:
+        raise ValueError(f"cannot tell which module holds the {n_layers} decoder layers (candidates: {found})")
+    return top[0] + "."
+
+
+def _student_config(config: Any, keep: list[int]) -> Any:
+    """The teacher's config with `num_hidden_layers` and every per-layer setting cut down to the kept layers."""
+    n = config.num_hidden_layers
+    if getattr(config, "is_heterogeneous", False):  # transformers 5: per_layer_config overrides per layer
+        raise ValueError("teacher config has per_layer_config (heterogeneous layers): depth pruning is unsupported")
+    student = copy.deepcopy(config)
+    for key, value in config.to_dict().items():
+        if "layer" not in key or not isinstance(value, list | tuple) or not value:
+            continue
+        if key in INDEX_LIST_KEYS:
+            setattr(student, key, [j for j, i in enumerate(keep) if i in value])
+        elif len(value) == n:  # one entry per layer, e.g. layer_types, mlp_layer_types, layer_rope_theta
+            setattr(student, key, [value[i] for i in keep])
+        else:  # silently keeping it could pair a kept layer with another layer's setting
+            raise ValueError(f"teacher config key {key!r} = {value} refers to layers in a way stillroom cannot remap")
+    student.num_hidden_layers = len(keep)
+    return student
+
+
+def student_from_teacher(teacher: Path, out: Path, *, layers: int | None = None, keep: Sequence[int] | None = None,
+                         dtype: str = "fp32") -> Path:
+    """Write a depth-pruned copy of the local HF model `teacher` to `out` (which must not exist); returns `out`.
+
+    Pass `layers` (evenly spaced by `choose_layers`) or `keep` (explicit teacher layer indices, increasing).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    teacher, out = Path(teacher), Path(out)
+    if (layers is None) == (keep is None):
+        raise ValueError("pass exactly one of layers= (a count) or keep= (teacher layer indices)")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if not (teacher / "config.json").is_file():
+        raise ValueError(f"teacher '{teacher}' is not a local Hugging Face model folder (no config.json)")
+    if out.exists():  # never overwrite: a student may already be training from it
+        raise FileExistsError(f"{out} already exists; remove it or choose another output folder")
+    # Validate the layer choice from config.json before the (possibly large) teacher weights are read.
+    n_teacher = AutoConfig.from_pretrained(teacher, local_files_only=True).num_hidden_layers
+    kept = choose_layers(n_teacher, layers) if layers is not None else list(keep or [])
+    if not kept or kept[0] < 0 or kept[-1] >= n_teacher or any(b <= a for a, b in itertools.pairwise(kept)):
+        raise ValueError(f"keep must be strictly increasing teacher layer indices in [0, {n_teacher}), got {kept}")
+    model = AutoModelForCausalLM.from_pretrained(teacher, dtype=DTYPES[dtype], local_files_only=True)
+
+    prefix = _layer_prefix(model, n_teacher)
+    new_index = {i: j for j, i in enumerate(kept)}
+    state: dict[str, torch.Tensor] = {}
+    for key, tensor in model.state_dict().items():
+        if not key.startswith(prefix):  # embeddings, final norm, head (tied or not), buffers
+            state[key] = tensor
+            continue
+        index, rest = key[len(prefix):].split(".", 1)
+        if int(index) in new_index:
+            state[f"{prefix}{new_index[int(index)]}.{rest}"] = tensor
+
+    # Built in the target dtype directly: a bf16 student never exists as an fp32 copy in memory.
+    student = AutoModelForCausalLM.from_config(_student_config(model.config, kept), dtype=DTYPES[dtype])
+    # strict: a key the student lacks or does not fill means the renaming went wrong, not a warning. With tied
+    # embeddings both names hold the same tensor and the student's head and embeddings are one parameter.
+    student.load_state_dict(state, strict=True)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        # transformers 5 always writes safetensors; the flag keeps 4.x (still allowed by pyproject) off pickle.
+        student.save_pretrained(tmp, safe_serialization=True)
+        for name in TOKENIZER_FILES:  # the teacher's generation_config.json replaces the derived one
+            if (teacher / name).is_file():
+                shutil.copy2(teacher / name, tmp / name)
+        write_json_atomic(tmp / "student.json", {
+            "teacher": str(teacher.resolve()), "teacher_fingerprint": model_fingerprint(str(teacher)),
+            "kept_layers": kept, "teacher_layers": n_teacher, "dtype": dtype,
+            "params_teacher": sum(p.numel() for p in model.parameters()),
+            "params_student": sum(p.numel() for p in student.parameters())})
+        tmp.rename(out)  # readers see no folder or a complete one
+        fsync_dir(out.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _vocab_size(folder: Path) -> int | None:
+    config = json.loads((folder / "config.json").read_text())
+    size = config.get("vocab_size") or config.get("text_config", {}).get("vocab_size")
+    return int(size) if size is not None else None
+
+
+def check_same_vocab(teacher: Path, student: Path) -> None:
+    """Raise ValueError unless teacher and student share one tokenizer.json and one vocabulary size.
+
+    Logit distillation compares distributions token id by token id, so a different tokenizer is a silent error.
+    """
+    digests = []
+    for folder in (teacher, student):
+        if not (folder / "tokenizer.json").is_file():
+            raise ValueError(f"{folder} has no tokenizer.json: cannot check that the vocabularies match")
+        digests.append(hashlib.sha256((folder / "tokenizer.json").read_bytes()).hexdigest())
+    if digests[0] != digests[1]:
+        raise ValueError(f"teacher and student tokenizers differ (sha256 {digests[0][:12]}… vs {digests[1][:12]}…): "
+                         "distillation needs one vocabulary")
+    sizes = _vocab_size(teacher), _vocab_size(student)
+    if sizes[0] != sizes[1]:
+        raise ValueError(f"teacher and student vocabulary sizes differ ({sizes[0]} vs {sizes[1]}): "
+                         "distillation needs one vocabulary")
