@@ -100,16 +100,17 @@ def prepare(work: Path, hidden: int, layers: int, steps: int) -> Path:
     return config
 
 
-def stillroom_run(config: Path, port: int, signal_at: int = 0) -> tuple[list[dict[str, object]], float | None]:
-    """Run the cpt stage in 2 processes; with `signal_at`, SIGUSR2 both ranks then and time until they exit."""
+def stillroom_run(config: Path, port: int, signal_at: int = 0,
+                  stage: str = "cpt") -> tuple[list[dict[str, object]], float | None]:
+    """Run a training stage in 2 processes; with `signal_at`, SIGUSR2 both ranks then and time until they exit."""
     from launcher.run_config import load_run_config
     from launcher.rundir import RunDir
 
     run = RunDir.create(load_run_config(config))
-    run.update_stage("cpt", status="submitted", tasks=2, executor="local")
-    task = "import sys; from launcher.stages import StageTask; StageTask('cpt', 'train', sys.argv[1])()"
-    procs = spawn(["-c", task, str(run.path)], 2, port)
-    log, exit_s = run.path / "cpt" / "metrics.jsonl", None
+    run.update_stage(stage, status="submitted", tasks=2, executor="local")
+    task = "import sys; from launcher.stages import StageTask; StageTask(sys.argv[2], 'train', sys.argv[1])()"
+    procs = spawn(["-c", task, str(run.path), stage], 2, port)
+    log, exit_s = run.path / stage / "metrics.jsonl", None
     if signal_at:
         while not (log.exists() and f'"kind": "train", "step": {signal_at},' in log.read_text()):
             time.sleep(0.01)

@@ -11,9 +11,10 @@ from sharding.config import ShardConfig
 from slurm.probe import ProbeConfig
 from slurm.resources import Resources
 from training.config import DistillConfig, TrainConfig
+from training.topk_cache import TopkConfig
 
 # Sections whose `resources` table inherits the top-level [resources] defaults.
-STAGE_SECTIONS = ("probe", "shard", "cpt", "distill")
+STAGE_SECTIONS = ("probe", "shard", "cpt", "teacher_logits", "distill")
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,7 @@ class RunConfig:
     probe: ProbeConfig = field(default_factory=ProbeConfig)  # the environment-report stage
     shard: ShardConfig = field(default_factory=ShardConfig)  # raw corpora -> cleaned, packed, verified shards
     cpt: TrainConfig = field(default_factory=TrainConfig)  # continued pretraining with DeepSpeed
+    teacher_logits: TopkConfig = field(default_factory=TopkConfig)  # cache the teacher's top-k logits once
     distill: DistillConfig = field(default_factory=DistillConfig)  # a smaller student learns from the teacher
 
     @property

@@ -81,7 +81,27 @@ def _distill_cfg(cfg: RunConfig, out: Path) -> Any:
     train_cfg = cfg.distill
     if not train_cfg.data.sources:  # the pipeline's own shards
         train_cfg = replace(train_cfg, data=replace(train_cfg.data, sources=(str(out.parent / "shard"),)))
+    if not train_cfg.topk_cache and "teacher_logits" in cfg.run.stages:  # the pipeline's own cache
+        train_cfg = replace(train_cfg, topk_cache=str(out.parent / "teacher_logits"))
     return train_cfg
+
+
+def _topk_paths(cfg: RunConfig, out: Path) -> tuple[Path, Path]:
+    teacher = Path(cfg.teacher_logits.teacher) if cfg.teacher_logits.teacher else out.parent / "cpt" / "export"
+    source = Path(cfg.teacher_logits.source) if cfg.teacher_logits.source else out.parent / "shard"
+    return teacher, source
+
+
+def _topk_compute(cfg: RunConfig, out: Path, env: TaskEnv, element: int | None) -> Any:
+    from training.topk_cache import compute
+
+    return compute(cfg.teacher_logits, *_topk_paths(cfg, out), out, element or 0)
+
+
+def _topk_index(cfg: RunConfig, out: Path, env: TaskEnv, element: int | None) -> Any:
+    from training.topk_cache import index
+
+    return index(cfg.teacher_logits, *_topk_paths(cfg, out), out)
 
 
 def _distill_student(cfg: RunConfig, out: Path, env: TaskEnv, element: int | None) -> Any:
@@ -110,9 +130,12 @@ def _stages() -> MappingProxyType[str, Stage]:
                             Step("reduce", _shard_reduce, single_task=True)),
                   preflight=lambda cfg: check_inputs(cfg.shard), summary=summary_table)
     cpt = Stage("cpt", (Step("train", _cpt_train),), preflight=_cpt_preflight)
+    topk = Stage("teacher_logits", (Step("compute", _topk_compute, lambda cfg: cfg.teacher_logits.tasks),
+                                    Step("index", _topk_index, single_task=True)))
     distill = Stage("distill", (Step("student", _distill_student, single_task=True), Step("train", _distill_train)),
                     preflight=_distill_preflight)
-    return MappingProxyType({"probe": Stage("probe", (probe,)), "shard": shard, "cpt": cpt, "distill": distill})
+    return MappingProxyType({"probe": Stage("probe", (probe,)), "shard": shard, "cpt": cpt,
+                              "teacher_logits": topk, "distill": distill})
 
 
 STAGES = _stages()

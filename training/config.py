@@ -91,6 +91,7 @@ class DistillConfig(TrainConfig):
     temperature: float = 2.0  # softens both distributions in the distillation term (scaled back by T^2)
     divergence: Literal["forward_kl", "reverse_kl", "jsd", "skew_kl"] = "forward_kl"  # D(teacher || student)
     beta: float = 0.5  # mixing weight of jsd and skew_kl
+    topk_cache: str = ""  # folder of cached teacher top-k logits (the teacher-logits stage); "": run the teacher
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -10,10 +10,12 @@ import torch
 
 from slurm.taskenv import TaskEnv
 from training.config import DistillConfig
+from training.data import OpenedSource
 from training.engine import load_model
-from training.kd import kd_loss
+from training.kd import kd_loss, kd_loss_topk
 from training.loop import Objective, train
 from training.student import check_same_vocab, student_from_teacher
+from training.topk_cache import TopkCache
 
 
 def teacher_path(cfg: DistillConfig, out: Path) -> Path:
@@ -37,17 +39,29 @@ def distil(cfg: DistillConfig, out: Path, env: TaskEnv, config_sha256: str) -> d
     teacher_dir = teacher_path(cfg, out)
     cfg = replace(cfg, model=replace(cfg.model, path=str(student_path(cfg, out))))
     device = torch.device("cuda", env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    # Every rank holds the whole frozen teacher; it never sees an optimizer or ZeRO partitioning.
-    teacher = load_model(str(teacher_dir), cfg.model.dtype, -1.0, False).to(device).eval().requires_grad_(False)
+    kd_args: dict[str, Any] = {"alpha": cfg.alpha, "temperature": cfg.temperature, "divergence": cfg.divergence,
+                               "beta": cfg.beta}
+    if cfg.topk_cache:
+        if len(cfg.data.sources) != 1:
+            raise ValueError("distill.topk_cache is aligned with one token source; give exactly one in data.sources")
+        cache = TopkCache(Path(cfg.topk_cache), OpenedSource(cfg.data.sources[0]), teacher_dir)
 
-    def loss(engine: Any, input_ids: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            teacher_logits = teacher(input_ids=input_ids).logits
-        student_logits = engine(input_ids=input_ids).logits
-        value, _ = kd_loss(student_logits, teacher_logits, input_ids, alpha=cfg.alpha, temperature=cfg.temperature,
-                           divergence=cfg.divergence, beta=cfg.beta)
-        return value
+        def loss(engine: Any, input_ids: torch.Tensor, ids: list[tuple[int, int]]) -> torch.Tensor:
+            values, indices = cache.batch([row for _, row in ids])
+            student_logits = engine(input_ids=input_ids).logits
+            value, _ = kd_loss_topk(student_logits, torch.from_numpy(values).to(input_ids.device),
+                                    torch.from_numpy(indices).to(input_ids.device), input_ids, **kd_args)
+            return value
+    else:
+        # Every rank holds the whole frozen teacher; it never sees an optimizer or ZeRO partitioning.
+        teacher = load_model(str(teacher_dir), cfg.model.dtype, -1.0, False).to(device).eval().requires_grad_(False)
 
-    kd = {"alpha": cfg.alpha, "temperature": cfg.temperature, "divergence": cfg.divergence, "beta": cfg.beta}
-    objective = Objective("distill", loss, {"teacher": str(teacher_dir), "kd": kd})
+        def loss(engine: Any, input_ids: torch.Tensor, ids: list[tuple[int, int]]) -> torch.Tensor:
+            with torch.no_grad():
+                teacher_logits = teacher(input_ids=input_ids).logits
+            value, _ = kd_loss(engine(input_ids=input_ids).logits, teacher_logits, input_ids, **kd_args)
+            return value
+
+    objective = Objective("distill", loss, {"teacher": str(teacher_dir), "kd": kd_args,
+                                            "topk_cache": cfg.topk_cache or None})
     return train(cfg, out, env, objective, config_sha256)

@@ -40,11 +40,12 @@ TRAIN_STATE = "train_state.json"  # inside each checkpoint, written by rank 0
 @dataclass(frozen=True)
 class Objective:
     name: str  # "cpt" or "distill"
-    loss: Callable[[Any, torch.Tensor], torch.Tensor]  # (engine, input_ids) -> mean loss of the micro-batch
+    # (engine, input_ids, sample ids as (source, row)) -> mean loss of the micro-batch
+    loss: Callable[[Any, torch.Tensor, list[tuple[int, int]]], torch.Tensor]
     extra: dict[str, Any] | None = None  # what the export's provenance should record (e.g. the teacher)
 
 
-def causal_lm_loss(engine: Any, input_ids: torch.Tensor) -> torch.Tensor:
+def causal_lm_loss(engine: Any, input_ids: torch.Tensor, ids: list[tuple[int, int]]) -> torch.Tensor:
     return engine(input_ids=input_ids, labels=input_ids).loss  # type: ignore[no-any-return]
 
 
@@ -201,8 +202,8 @@ def train(cfg: TrainConfig, out: Path, env: TaskEnv, objective: Objective, confi
             group["lr"] = lr
         step_loss = torch.zeros((), device=device)
         for m in range(accum):
-            batch = torch.from_numpy(stream.next_batch(m, rank, world, micro, accum)[0]).to(device)
-            loss = objective.loss(engine, batch)
+            rows, ids = stream.next_batch(m, rank, world, micro, accum)
+            loss = objective.loss(engine, torch.from_numpy(rows).to(device), ids)
             engine.backward(loss)
             engine.step()
             step_loss += loss.detach() / accum

@@ -84,3 +84,50 @@ def test_interrupted_distillation_resumes_bitwise(tmp_path: Path, shards: Path, 
     a = load_file(str(ref_dir / "distill" / "export" / "model.safetensors"))
     b = load_file(str(run.path / "distill" / "export" / "model.safetensors"))
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+
+
+def test_cached_topk_with_the_whole_vocabulary_matches_the_live_teacher(
+        tmp_path: Path, corpora: dict[str, Path], tokenizer_dir: Path, shards: Path, teacher_model: Path) -> None:
+    import numpy as np
+    import torch
+
+    from sharding.corpus import read_corpus
+    from training.data import DataError, OpenedSource
+    from training.kd import kd_loss, kd_loss_topk
+    from training.topk_cache import TopkCache
+
+    from .conftest import shard_config
+
+    records = list(read_corpus(corpora["wiki"]))[:20]
+    (tmp_path / "small.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (tmp_path / "s").mkdir()
+    assert main(["shard", str(shard_config(tmp_path / "s", [tmp_path / "small.jsonl"], tokenizer_dir)),
+                 "shard.seq_len=64", "shard.val_fraction=0.3", "shard.clean.quality.min_words=5"]) == 0
+    small = tmp_path / "s" / "runs" / "shard" / "shard"
+    vocab = json.loads((teacher_model / "config.json").read_text())["vocab_size"]
+    config = distill_config(tmp_path / "kd", small, teacher_model)
+    assert main(["run", str(config), 'run.stages=["teacher_logits"]', f"teacher_logits.teacher={teacher_model}",
+                 f"teacher_logits.source={small}", f"teacher_logits.k={vocab}", "teacher_logits.tasks=2"]) == 0
+    cache_dir = tmp_path / "kd" / "runs" / "kd" / "teacher_logits"
+    tokens = OpenedSource(small)
+    cache = TopkCache(cache_dir, tokens, teacher_model)
+    rows = list(range(min(4, tokens.rows)))
+    input_ids = torch.from_numpy(np.stack([tokens.get(r) for r in rows]).astype(np.int64))
+    from transformers import AutoModelForCausalLM
+
+    with torch.no_grad():
+        teacher_logits = AutoModelForCausalLM.from_pretrained(teacher_model)(input_ids=input_ids).logits
+    student_logits = torch.randn(teacher_logits.shape, generator=torch.Generator().manual_seed(0))
+    values, indices = cache.batch(rows)
+    args = {"alpha": 0.5, "temperature": 2.0, "divergence": "forward_kl"}
+    live, _ = kd_loss(student_logits, teacher_logits, input_ids, **args)
+    cached, _ = kd_loss_topk(student_logits, torch.from_numpy(values), torch.from_numpy(indices), input_ids, **args)
+    assert float(cached) == pytest.approx(float(live), rel=1e-3)  # float16 cache: a few ulps per logit
+    with pytest.raises(DataError, match="other token shards"):
+        TopkCache(cache_dir, OpenedSource(shards), teacher_model)
+    assert main(["run", str(config), 'run.stages=["distill"]', "run.name=cached", f"distill.topk_cache={cache_dir}",
+                 f"distill.domain_val={shards}", "distill.steps=4", "distill.eval.every=4",
+                 "distill.eval.batches=1"]) == 0
+    export = tmp_path / "kd" / "runs" / "cached" / "distill" / "export"
+    provenance = json.loads((export / "provenance.json").read_text())
+    assert provenance["topk_cache"] == str(cache_dir)
