@@ -70,8 +70,8 @@ def spawn(args: list[str], world: int, port: int) -> list[subprocess.Popen[str]]
                              stdout=subprocess.PIPE) for r in range(world)]
 
 
-def prepare(work: Path, hidden: int, layers: int, steps: int) -> Path:
-    """Shards of the licenses corpus, a tokenizer and a tiny Llama; returns the run config."""
+def prepare(work: Path, hidden: int, layers: int, steps: int, docs: int | None = None) -> Path:
+    """Shards of the licenses corpus (its first `docs`), a tokenizer and a tiny Llama; returns the run config."""
     from launcher.config import config_hash
     from launcher.run_config import load_run_config
     from sharding.corpus import build_corpus, read_corpus
@@ -79,7 +79,7 @@ def prepare(work: Path, hidden: int, layers: int, steps: int) -> Path:
     from sharding.tokenize import train_bpe_tokenizer
     from training.tiny import build_tiny_llama
 
-    corpus = build_corpus("licenses", work / "corpora")
+    corpus = build_corpus("licenses", work / "corpora", limit=docs)
     tokenizer = train_bpe_tokenizer((r["text"] for r in read_corpus(corpus)), 4096, work / "tokenizer")
     shard_cfg = load_run_config(None, [f"shard.inputs=[{json.dumps(str(corpus))}]", f"shard.tokenizer={tokenizer}",
                                        "shard.seq_len=256", "shard.val_fraction=0.05", "shard.tasks=1"]).shard

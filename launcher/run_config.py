@@ -11,10 +11,11 @@ from sharding.config import ShardConfig
 from slurm.probe import ProbeConfig
 from slurm.resources import Resources
 from training.config import DistillConfig, TrainConfig
+from training.report_stage import ReportConfig
 from training.topk_cache import TopkConfig
 
 # Sections whose `resources` table inherits the top-level [resources] defaults.
-STAGE_SECTIONS = ("probe", "shard", "cpt", "teacher_logits", "distill")
+STAGE_SECTIONS = ("probe", "shard", "cpt", "teacher_logits", "distill", "report")
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,7 @@ class RunConfig:
     cpt: TrainConfig = field(default_factory=TrainConfig)  # continued pretraining with DeepSpeed
     teacher_logits: TopkConfig = field(default_factory=TopkConfig)  # cache the teacher's top-k logits once
     distill: DistillConfig = field(default_factory=DistillConfig)  # a smaller student learns from the teacher
+    report: ReportConfig = field(default_factory=ReportConfig)  # base vs teacher vs student, table and plots
 
     @property
     def run_dir(self) -> Path:

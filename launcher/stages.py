@@ -123,6 +123,14 @@ def _distill_preflight(cfg: RunConfig) -> None:
         raise ValueError(f"distill.teacher '{cfg.distill.teacher}' is not a local Hugging Face model folder")
 
 
+def _report(cfg: RunConfig, out: Path, env: TaskEnv, element: int | None) -> Any:
+    from training.report_stage import run_report
+
+    r = cfg.report
+    domain = r.domain_val or cfg.cpt.domain_val or str(out.parent / "shard")
+    return run_report(r, out, r.base or cfg.cpt.model.path, domain, r.general_val or cfg.cpt.general_val)
+
+
 def _stages() -> MappingProxyType[str, Stage]:
     probe = Step("probe", lambda cfg, out, env, element: run_probe(cfg.probe, out, env, element),
                  lambda cfg: cfg.probe.array_size)
@@ -134,8 +142,9 @@ def _stages() -> MappingProxyType[str, Stage]:
                                     Step("index", _topk_index, single_task=True)))
     distill = Stage("distill", (Step("student", _distill_student, single_task=True), Step("train", _distill_train)),
                     preflight=_distill_preflight)
+    report = Stage("report", (Step("report", _report, single_task=True),))
     return MappingProxyType({"probe": Stage("probe", (probe,)), "shard": shard, "cpt": cpt,
-                              "teacher_logits": topk, "distill": distill})
+                              "teacher_logits": topk, "distill": distill, "report": report})
 
 
 STAGES = _stages()
