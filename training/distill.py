@@ -11,7 +11,7 @@ import torch
 from slurm.taskenv import TaskEnv
 from training.config import DistillConfig
 from training.data import OpenedSource
-from training.engine import load_model
+from training.engine import load_model, setup_distributed
 from training.kd import kd_loss, kd_loss_topk
 from training.loop import Objective, train
 from training.student import check_same_vocab, student_from_teacher
@@ -35,10 +35,25 @@ def prepare_student(cfg: DistillConfig, out: Path) -> dict[str, Any]:
     return {"teacher": str(teacher), "student": str(student)}
 
 
+def _teacher(cfg: DistillConfig, folder: Path, device: torch.device) -> Any:
+    """The frozen teacher: a full copy per rank, or with teacher_zero3 its parameters sharded across ranks
+    (every forward gathers them layer by layer: slower, but a teacher larger than one device fits)."""
+    model = load_model(str(folder), cfg.model.dtype, -1.0, False).eval().requires_grad_(False)
+    if not cfg.teacher_zero3:
+        return model.to(device)
+    import deepspeed
+
+    engine = deepspeed.initialize(model=model, config={
+        "train_micro_batch_size_per_gpu": cfg.engine.micro_batch, "zero_optimization": {"stage": 3},
+        "bf16": {"enabled": cfg.model.dtype == "bf16"}, "steps_per_print": 1 << 30})[0]
+    engine.eval()
+    return engine
+
+
 def distil(cfg: DistillConfig, out: Path, env: TaskEnv, config_sha256: str) -> dict[str, Any]:
     teacher_dir = teacher_path(cfg, out)
     cfg = replace(cfg, model=replace(cfg.model, path=str(student_path(cfg, out))))
-    device = torch.device("cuda", env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    device = setup_distributed(env)  # before the teacher: a sharded teacher needs the process group
     kd_args: dict[str, Any] = {"alpha": cfg.alpha, "temperature": cfg.temperature, "divergence": cfg.divergence,
                                "beta": cfg.beta}
     if cfg.topk_cache:
@@ -53,8 +68,7 @@ def distil(cfg: DistillConfig, out: Path, env: TaskEnv, config_sha256: str) -> d
                                     torch.from_numpy(indices).to(input_ids.device), input_ids, **kd_args)
             return value
     else:
-        # Every rank holds the whole frozen teacher; it never sees an optimizer or ZeRO partitioning.
-        teacher = load_model(str(teacher_dir), cfg.model.dtype, -1.0, False).to(device).eval().requires_grad_(False)
+        teacher = _teacher(cfg, teacher_dir, device)
 
         def loss(engine: Any, input_ids: torch.Tensor, ids: list[tuple[int, int]]) -> torch.Tensor:
             with torch.no_grad():

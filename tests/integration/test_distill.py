@@ -41,10 +41,11 @@ def records(run_dir: Path, kind: str) -> list[dict]:  # type: ignore[type-arg]
     return [r for r in map(json.loads, lines) if r["kind"] == kind]
 
 
-def test_zero3_distillation_of_a_student_from_teacher_layers(tmp_path: Path, shards: Path,
-                                                             teacher_model: Path) -> None:
+@pytest.mark.parametrize("sharded_teacher", [False, True])
+def test_zero3_distillation_of_a_student_from_teacher_layers(tmp_path: Path, shards: Path, teacher_model: Path,
+                                                             sharded_teacher: bool) -> None:
     config = distill_config(tmp_path, shards, teacher_model)
-    assert main(["run", str(config)]) == 0
+    assert main(["run", str(config), f"distill.teacher_zero3={str(sharded_teacher).lower()}"]) == 0
     run_dir = tmp_path / "runs" / "kd"
     student = json.loads((run_dir / "distill" / "student-init" / "student.json").read_text())
     assert student["kept_layers"] == [0, 3] and student["params_student"] < student["params_teacher"]
@@ -131,3 +132,18 @@ def test_cached_topk_with_the_whole_vocabulary_matches_the_live_teacher(
     export = tmp_path / "kd" / "runs" / "cached" / "distill" / "export"
     provenance = json.loads((export / "provenance.json").read_text())
     assert provenance["topk_cache"] == str(cache_dir)
+
+
+@pytest.mark.slurm
+@pytest.mark.usefixtures("slurm_cluster")
+def test_distillation_on_the_slurm_cluster(tmp_path: Path, shards: Path, teacher_model: Path) -> None:
+    from .helpers import wait_finished
+
+    config = distill_config(tmp_path, shards, teacher_model)
+    assert main(["submit", str(config), "distill.resources.nodes=2", "distill.resources.tasks_per_node=1",
+                 "distill.steps=6", "distill.resources.mem_gb=3"]) == 0
+    run = RunDir(tmp_path / "runs" / "kd")
+    entry = wait_finished(run, "distill", timeout=600)
+    assert entry["status"] == "completed", entry
+    assert sorted(entry["tasks_done"]) == ["student/rank-0", "train/rank-0", "train/rank-1"]
+    assert (run.path / "distill" / "export" / "COMPLETE").exists()
