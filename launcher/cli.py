@@ -5,17 +5,19 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from importlib.metadata import version
 from pathlib import Path
 
 from rich.console import Console
+from rich.live import Live
 from rich.syntax import Syntax
 from rich.table import Table
 
 from launcher.config import ConfigError, config_hash, dump_toml, field_docs, to_plain
 from launcher.pipeline import PreflightError, StageFailed, job_spec, launch, preflight
 from launcher.run_config import RunConfig, load_run_config
-from launcher.rundir import RunDir, RunDirError, flatten
+from launcher.rundir import RunDir, RunDirError, flatten, free_run_name
 from launcher.stages import STAGES
 from launcher.status import cancel, log_files, refresh, status_table
 from sharding.corpus import CorpusError, build_all, read_corpus
@@ -33,7 +35,8 @@ EXAMPLES = {
   stillroom submit configs/probe.toml                    # chained Slurm jobs, returns at once
   stillroom submit configs/probe.toml resources.partition=gpu resources.account=myproj
   stillroom submit configs/probe.toml --dry-run          # print the sbatch scripts""",
-    "status": "examples:\n  stillroom status runs/default\n  stillroom status default --json",
+    "status": "examples:\n  stillroom status runs/default\n  stillroom status default --watch     # live, every 10 s"
+              "\n  stillroom status default --json",
     "cancel": "examples:\n  stillroom cancel runs/default",
     "logs": "examples:\n  stillroom logs runs/default            # first stage, rank 0\n"
             "  stillroom logs runs/default probe --rank 3",
@@ -78,6 +81,8 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("config", type=Path, help="TOML run config")
         p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides, e.g. probe.steps=3")
         p.add_argument("--dry-run", action="store_true", help="print what would be submitted, submit nothing")
+        p.add_argument("--new-run", action="store_true",
+                       help="if run.name's directory holds a different config, start <name>-2 (-3, ...) instead")
     p = command("shard", "Run only the shard stage, here: clean, deduplicate, tokenize and pack the corpora "
                          "of [shard] into verified Arrow shards.")
     p.add_argument("config", type=Path, help="TOML run config with a [shard] section")
@@ -102,9 +107,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--hidden", type=int, default=64, help="hidden size (default 64)")
     p.add_argument("--layers", type=int, default=4, help="decoder layers (default 4)")
     p.add_argument("--max-positions", type=int, default=1024, help="longest sequence (default 1024)")
-    p = command("status", "Show each stage's status, jobs, scheduler state, tasks and attempts.")
+    p = command("status", "Show each stage's status, jobs, scheduler state, requeues and, for training stages, "
+                          "step, tokens, loss, validation perplexity, ETA and the forgetting alarm.")
     p.add_argument("run", help="run directory, or run name under ./runs")
     p.add_argument("--json", action="store_true", help="print the state as JSON")
+    p.add_argument("--watch", type=float, nargs="?", const=10.0, default=0.0, metavar="SECONDS",
+                   help="refresh every SECONDS (default 10) until every stage has ended; Ctrl-C to leave")
     p = command("cancel", "Cancel every job of the run that has not completed.")
     p.add_argument("run", help="run directory, or run name under ./runs")
     p = command("logs", "Print a stage's log for one rank (stdout, then stderr), across requeues.")
@@ -126,6 +134,8 @@ def _show_config(console: Console, cfg: RunConfig) -> None:
 def _launch(args: argparse.Namespace, console: Console) -> int:
     only = ['run.stages=["shard"]'] if args.command == "shard" else []
     cfg = load_run_config(args.config, [*args.overrides, *only])
+    if getattr(args, "new_run", False) and _holds_other_config(cfg):
+        cfg = load_run_config(args.config, [*args.overrides, *only, f"run.name={free_run_name(cfg)}"])
     kind = "slurm" if args.command == "submit" else cfg.run.executor
     executor = make_executor(kind)
     _show_config(console, cfg)
@@ -140,10 +150,17 @@ def _launch(args: argparse.Namespace, console: Console) -> int:
         return 0
     run = RunDir.create(cfg)
     console.print(f"run directory: {run.path}")
+    for change in run.changes:
+        console.print(f"[yellow]config change accepted on resume[/]: {change}")
     launch(cfg, run, executor, wait=args.command != "submit", console=console)
     if args.command == "submit":
         console.print(f"follow with: stillroom status {run.path}")
     return 0
+
+
+def _holds_other_config(cfg: RunConfig) -> bool:
+    path = cfg.run_dir / "config.toml"
+    return path.exists() and config_hash(RunDir(cfg.run_dir).load_config()) != config_hash(cfg)
 
 
 def _inspect(args: argparse.Namespace, console: Console) -> int:
@@ -191,8 +208,15 @@ def _status(args: argparse.Namespace, console: Console) -> int:
     state = refresh(run)
     if args.json:
         print(json.dumps(state, indent=1))
-    else:
+    elif not args.watch:
         console.print(status_table(run, state))
+    else:
+        # Each refresh asks sacct once per unfinished stage: keep the interval in seconds, not sub-second.
+        with Live(status_table(run, state), console=console, auto_refresh=False) as live:
+            while any(e.get("status") in ("pending", "submitted", "running") for e in state["stages"].values()):
+                time.sleep(max(args.watch, 1.0))
+                state = refresh(run)
+                live.update(status_table(run, state), refresh=True)
     return 0
 
 

@@ -49,9 +49,27 @@ def config_diff(old: RunConfig, new: RunConfig) -> list[str]:
             if a.get(k) != b.get(k)]
 
 
+# Keys that change how a run is executed, not what it computes: a run directory accepts new values
+# for these (e.g. resume a 2-node job on 1 node, keeping micro_batch x grad_accum x ranks).
+_RESUMABLE_CHANGES = ("resources.", "run.executor", "engine.grad_accum", "engine.micro_batch")
+
+
+def resumable_change(key: str) -> bool:
+    return any(key.startswith(p) or f".{p}" in key for p in _RESUMABLE_CHANGES)
+
+
+def free_run_name(cfg: RunConfig) -> str:
+    """`<name>-2`, `<name>-3`, ...: the first name whose run directory does not exist yet."""
+    n = 2
+    while (cfg.run_dir.parent / f"{cfg.run.name}-{n}").exists():
+        n += 1
+    return f"{cfg.run.name}-{n}"
+
+
 class RunDir:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
+        self.changes: list[str] = []  # resumable config changes accepted when this run was reopened
 
     config_path = property(lambda self: self.path / "config.toml")
     state_path = property(lambda self: self.path / "state.json")
@@ -72,23 +90,39 @@ class RunDir:
 
     @classmethod
     def create(cls, cfg: RunConfig) -> RunDir:
-        """Create the run directory for `cfg`, or reopen it if it holds the same resolved config."""
+        """Create the run directory for `cfg`, or reopen it if it holds the same resolved config up to
+        changes of how it runs (resources, executor, batch split; `changes` lists them)."""
         run = cls(cfg.run_dir.resolve())
         digest = config_hash(cfg)
+        run.changes = []
         if run.config_path.exists():
             old = run.load_config()
-            if config_hash(old) != digest:
-                changes = "; ".join(config_diff(old, cfg)[:10])
-                raise RunDirError(f"run directory {run.path} holds a different config ({changes}); "
-                                  f"pick another run.name or remove the directory")
+            if config_hash(old) == digest:
+                return run
+            changes = config_diff(old, cfg)
+            refused = [c for c in changes if not resumable_change(c.split(":", 1)[0])]
+            if refused:
+                raise RunDirError(f"run directory {run.path} holds a different config: {'; '.join(refused[:10])}. "
+                                  f"Resume it with its own config, or start a new run with --new-run "
+                                  f"(or another run.name)")
+            run._write_config(cfg, digest)
+            run.changes = changes
             return run
         for folder in (run.path, run.path / "logs"):
             folder.mkdir(parents=True, exist_ok=True)
-        header = f"# stillroom resolved config, sha256 {digest}\n"
-        write_atomic(run.config_path, (header + dump_toml(cfg, field_docs(RunConfig))).encode())
+        run._write_config(cfg, digest)
         write_json_atomic(run.state_path, {"version": STATE_VERSION, "run": cfg.run.name, "config_sha256": digest,
                                            "created_at": now_iso(), "stages": {}})
         return run
+
+    def _write_config(self, cfg: RunConfig, digest: str) -> None:
+        header = f"# stillroom resolved config, sha256 {digest}\n"
+        write_atomic(self.config_path, (header + dump_toml(cfg, field_docs(RunConfig))).encode())
+        if self.state_path.exists():
+            with self._locked():
+                state = self.read_state()
+                state["config_sha256"] = digest
+                write_json_atomic(self.state_path, state)
 
     def load_config(self) -> RunConfig:
         return load_run_config(self.config_path)

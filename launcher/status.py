@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,8 @@ def refresh(run: RunDir) -> dict[str, Any]:
     cancelled in state.json (a job killed from outside cannot say so itself)."""
     state = run.read_state()
     for stage, entry in state["stages"].items():
+        if (progress := _progress(run, stage)) is not None:
+            entry["progress"] = progress
         if entry.get("status") not in ("submitted", "running") or not entry.get("job_ids"):
             continue
         try:
@@ -38,9 +42,34 @@ def refresh(run: RunDir) -> dict[str, Any]:
     return state
 
 
+def _progress(run: RunDir, stage: str) -> dict[str, Any] | None:
+    """A training stage's `progress.json` (the latest step, loss, evaluation), if it wrote one."""
+    try:
+        return json.loads((run.stage_dir(stage) / "progress.json").read_text())  # type: ignore[no-any-return]
+    except (OSError, ValueError):
+        return None
+
+
+def _progress_cells(p: dict[str, Any] | None, running: bool) -> list[str]:
+    """step/total, tokens, last loss, validation perplexity (domain / general), ETA, forgetting alarm."""
+    if not p:
+        return ["", "", "", "", "", ""]
+    ppl = " / ".join(f"{p[k]:.2f}" for k in ("domain_ppl", "general_ppl") if isinstance(p.get(k), float))
+    eta = ""
+    if running and isinstance(p.get("eta_s"), (int, float)):
+        age = time.time() - p.get("updated", time.time())
+        eta = f"{max(p['eta_s'] - age, 0) / 60:.1f} min"
+    alarm = ""
+    if p.get("forgetting_alarm"):
+        alarm = f"[red]general ppl +{p.get('forgetting_pct', 0):.1f}%[/]"
+    loss = f"{p['loss']:.4f}" if isinstance(p.get("loss"), float) else ""
+    return [f"{p.get('step', 0)}/{p.get('total_steps', '?')}", f"{p.get('tokens', 0):,}", loss, ppl, eta, alarm]
+
+
 def status_table(run: RunDir, state: dict[str, Any]) -> Table:
     table = Table(title=f"run {state['run']}  ({run.path})", title_justify="left")
-    for column in ("stage", "status", "jobs", "scheduler", "tasks done", "attempts", "submitted", "finished", "error"):
+    for column in ("stage", "status", "jobs", "scheduler", "tasks done", "requeues", "step", "tokens", "loss",
+                   "val ppl (domain / general)", "ETA", "forgetting", "finished", "error"):
         table.add_column(column, overflow="fold")
     colours = {"completed": "green", "failed": "red", "cancelled": "magenta", "running": "cyan"}
     for stage, e in state["stages"].items():
@@ -49,8 +78,9 @@ def status_table(run: RunDir, state: dict[str, Any]) -> Table:
             stage, f"[{colours.get(e['status'], 'yellow')}]{e['status']}[/]",
             f"{e.get('executor', '')} {', '.join(e.get('job_ids', []))}",
             ", ".join(sorted(set(sched.values()))) if sched else "",
-            f"{len(e.get('tasks_done', []))}/{e.get('tasks', '?')}", str(e.get("attempts", 0)),
-            _short(e.get("submitted_at")), _short(e.get("finished_at")), e.get("error") or "",
+            f"{len(e.get('tasks_done', []))}/{e.get('tasks', '?')}", str(max(e.get("attempts", 0) - 1, 0)),
+            *_progress_cells(e.get("progress"), e["status"] == "running"),
+            _short(e.get("finished_at")), e.get("error") or "",
         )
     return table
 

@@ -60,6 +60,9 @@ def sbatch_parameters(res: Resources, job_name: str, after: tuple[str, ...] = ()
         # The task side reads the signal name from this variable when submitit is imported.
         "setup": [f"export SUBMITIT_PREEMPT_SIGNAL={res.signal_name}", *res.setup],
         "wckey": "stillroom",
+        # One rank that dies (OOM, SIGKILL, a node lost) ends the step, instead of leaving the others
+        # blocked in a collective until the 30-minute distributed timeout.
+        "srun_args": ["--kill-on-bad-exit=1"],
     }
     if res.gpus_per_node:
         params["gpus_per_node"] = res.gpus_per_node

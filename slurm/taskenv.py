@@ -13,6 +13,7 @@ import subprocess
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,16 @@ def slurm_job_end_time(job_id: str) -> float | None:
         ).stdout.strip()
         return time.mktime(time.strptime(out, "%Y-%m-%dT%H:%M:%S"))
     except (OSError, subprocess.SubprocessError, ValueError):
+        return None
+
+
+def process_age_s() -> float | None:
+    """Seconds since this process started (Linux /proc): what a resume costs, imports included."""
+    try:
+        after_name = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        started = int(after_name[19]) / os.sysconf("SC_CLK_TCK")  # field 22, starttime, in clock ticks
+        return float(Path("/proc/uptime").read_text().split()[0]) - started
+    except (OSError, ValueError, IndexError):
         return None
 
 

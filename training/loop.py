@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from sharding.tokenize import tokenizer_fingerprint
 from slurm.files import write_json_atomic
-from slurm.taskenv import TaskEnv, slurm_job_end_time
+from slurm.taskenv import TaskEnv, process_age_s, slurm_job_end_time
 from training.checkpoint import Checkpointer, TrainState, capture_rng, restore_rng, rng_file
 from training.config import TrainConfig
 from training.data import EvalSet, MixedStream, OpenedSource, check_compatible
@@ -35,6 +35,7 @@ from training.schedule import lr_at
 from training.stop import REQUEUE_EXIT_CODE, StopRequest
 
 TRAIN_STATE = "train_state.json"  # inside each checkpoint, written by rank 0
+PROGRESS = "progress.json"  # in the stage folder: the latest numbers, for `stillroom status`
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,8 @@ def _exit_for_requeue(stop: StopRequest, rank: int) -> None:
     """
     received = stop.received_signal
     stop.uninstall()
+    if received == signal.SIGTERM:  # scancel, scontrol requeue or a preemption: Slurm is ending the job already
+        sys.exit(REQUEUE_EXIT_CODE)
     if os.environ.get("SUBMITIT_EXECUTOR"):
         if rank == 0:
             os.kill(os.getpid(), received or signal.SIGUSR2)
@@ -145,11 +148,21 @@ def train(cfg: TrainConfig, out: Path, env: TaskEnv, objective: Objective, confi
     stop.set_deadline(end_time, margin_s=float(cfg.resources.signal_lead_s))
     early = EarlyStopping(cfg.eval.patience, cfg.eval.min_delta, cfg.eval.forgetting_pct)
     log = (out / "metrics.jsonl").open("a") if main else None
+    # Carried over from the previous attempt, so status keeps showing the last evaluation after a requeue.
+    progress: dict[str, Any] = json.loads((out / PROGRESS).read_text()) if main and (out / PROGRESS).exists() else {}
+    progress.update(objective=objective.name, total_steps=cfg.steps)
 
     def record(kind: str, **values: Any) -> None:
-        if log is not None:
-            log.write(json.dumps({"kind": kind, "step": state.step, "time": time.time(), **values}) + "\n")
-            log.flush()
+        if log is None:
+            return
+        log.write(json.dumps({"kind": kind, "step": state.step, "time": time.time(), **values}) + "\n")
+        log.flush()
+        if kind in ("train", "eval", "checkpoint", "stop"):
+            if kind == "eval":
+                progress["forgetting_alarm"] = bool(values.get("forgetting_alarm"))
+            progress.update({k: v for k, v in values.items() if isinstance(v, (int, float, str)) and k != "base"},
+                            step=state.step, tokens=state.tokens, updated=time.time(), last_event=kind)
+            write_json_atomic(out / PROGRESS, progress)
 
     # --- resume from the newest valid checkpoint, if any ---------------------------------------------------------
     if resumed is not None and load_from is not None:
@@ -210,14 +223,19 @@ def train(cfg: TrainConfig, out: Path, env: TaskEnv, objective: Objective, confi
         stream.advance(micro * accum * world)
         state.step += 1
         state.tokens += step_tokens
+        if state.step == start_step + 1 and (age := process_age_s()) is not None:
+            # What a requeue costs: process start (imports, rendezvous, load) to the first step done.
+            record("first_step", seconds_since_process_start=age, resumed=resumed is not None, world=world)
+            if main:
+                print(f"[train] first step {state.step} done {age:.1f} s after process start", flush=True)
         if state.step % cfg.log_every == 0 or state.step == cfg.steps:
             loss_value = _mean_across_ranks(step_loss)
             rate = (state.step - start_step) * step_tokens / max(time.monotonic() - started, 1e-9)
             grad_norm = engine.get_global_grad_norm()
-            record("train", loss=loss_value, lr=lr, tokens=state.tokens, tokens_per_s=rate,
+            eta = (cfg.steps - state.step) * step_tokens / max(rate, 1e-9)
+            record("train", loss=loss_value, lr=lr, tokens=state.tokens, tokens_per_s=rate, eta_s=eta,
                    grad_norm=None if grad_norm is None else float(grad_norm))
             if main:
-                eta = (cfg.steps - state.step) * step_tokens / max(rate, 1e-9)
                 print(f"[train] step {state.step}/{cfg.steps} loss {loss_value:.4f} lr {lr:.2e} "
                       f"{rate:,.0f} tok/s eta {eta / 60:.1f} min", flush=True)
         metric, new_best = None, False

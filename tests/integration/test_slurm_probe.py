@@ -112,3 +112,20 @@ def test_afterok_dependency_orders_jobs(run_root: Path) -> None:
     assert reason.strip() == "Dependency"
     assert wait_finished(second)["status"] == "completed"
     assert _sacct(job.job_id, "Start") >= _sacct(first_id, "End")
+
+
+def test_resubmitting_a_running_stage_submits_nothing_and_a_cancelled_one_again(run_root: Path) -> None:
+    run = _running(run_root)
+    (job_id,) = stage(run)["job_ids"]
+    overrides = ("resources.tasks_per_node=1", "probe.collective=false", "probe.steps=400", "probe.step_seconds=0.5")
+    submit(run_root, *overrides)  # the same command again while the job runs
+    assert stage(run)["job_ids"] == [job_id], "a running job is not submitted twice"
+    names = subprocess.run(["squeue", "-h", "-o", "%i", "-n", f"{run.read_state()['run']}.probe"],
+                           capture_output=True, text=True, check=True).stdout.split()
+    assert names == [job_id], names
+    cli("cancel", str(run.path))
+    wait_for("sacct to show CANCELLED", lambda: _sacct(job_id, "State") == "CANCELLED", 60)
+    submit(run_root, *overrides)  # cancelled: submitted again
+    (again,) = stage(run)["job_ids"]
+    assert again != job_id and stage(run)["status"] in ("submitted", "running")
+    cli("cancel", str(run.path))

@@ -110,3 +110,16 @@ def test_run_dir_refuses_a_changed_config_and_shows_the_difference(tmp_path: Pat
     with pytest.raises(RunDirError, match=r"probe.steps: 2 -> 3"):
         RunDir.create(load_run_config(None, [root, "probe.steps=3"]))
     assert run.config_path.read_text().startswith("# stillroom resolved config, sha256 ")
+
+
+def test_run_dir_accepts_changes_of_how_it_runs_and_records_them(tmp_path: Path) -> None:
+    root = f"run.root={tmp_path}"
+    run = RunDir.create(load_run_config(None, [root, "cpt.resources.nodes=2", "cpt.engine.grad_accum=2"]))
+    moved = load_run_config(None, [root, "cpt.resources.nodes=1", "cpt.engine.grad_accum=4", "resources.qos=low"])
+    reopened = RunDir.create(moved)
+    assert reopened.path == run.path
+    assert {"cpt.engine.grad_accum: 2 -> 4", "cpt.resources.nodes: 2 -> 1", 'resources.qos: "" -> "low"',
+            'cpt.resources.qos: "" -> "low"'} <= set(reopened.changes)
+    assert config_hash(reopened.load_config()) == config_hash(moved) == reopened.read_state()["config_sha256"]
+    with pytest.raises(RunDirError, match=r"cpt.steps: .*--new-run"):
+        RunDir.create(load_run_config(None, [root, "cpt.steps=7", "cpt.resources.nodes=3"]))

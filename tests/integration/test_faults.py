@@ -1,0 +1,232 @@
+"""Fault tests of the cpt stage on the real local Slurm cluster: requeues, preemption, time limits,
+a process killed mid-checkpoint, a lost node, and a resume on fewer nodes.
+
+Each test prints one `[fault]` line: optimizer steps lost per interruption, and seconds from process
+start to the first step for the resumed attempts against the cold start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from launcher.cli import main
+from launcher.rundir import RunDir
+from launcher.status import log_files, refresh
+
+from .helpers import REPO, wait_finished, wait_for
+from .test_cpt import cpt_config, wait_for_step, weights
+
+pytestmark = [pytest.mark.slow, pytest.mark.slurm, pytest.mark.usefixtures("slurm_cluster")]
+
+FAST = ["cpt.log_every=1", "cpt.eval.every=1000", "cpt.resources.mem_gb=3"]
+
+
+def records(run_dir: Path, *kinds: str) -> list[dict[str, Any]]:
+    lines = (run_dir / "cpt" / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] in kinds]
+
+
+def interruptions(run_dir: Path) -> list[dict[str, Any]]:
+    """Per resumed attempt: the step it resumed from, the steps lost, its time from process start to the
+    first step, and the downtime from the last step before the interruption to that first step."""
+    found, last_step, last_time = [], 0, 0.0
+    for r in records(run_dir, "train", "first_step"):
+        if r["kind"] == "train":
+            last_step, last_time = max(last_step, r["step"]), r["time"]
+        elif r["resumed"]:
+            resumed_from = r["step"] - 1
+            found.append({"resumed_from": resumed_from, "lost": last_step - resumed_from,
+                          "resume_s": round(r["seconds_since_process_start"], 1),
+                          "downtime_s": round(r["time"] - last_time, 1)})
+    return found
+
+
+def report(name: str, run_dir: Path) -> list[dict[str, Any]]:
+    cold = [r["seconds_since_process_start"] for r in records(run_dir, "first_step") if not r["resumed"]]
+    found = interruptions(run_dir)
+    print(f"\n[fault] {name}: cold start {cold[0]:.1f} s to first step; resumes: {found}", flush=True)
+    return found
+
+
+def job_of(run: RunDir) -> str:
+    return str(run.read_state()["stages"]["cpt"]["job_ids"][-1])
+
+
+def task_pids(job_id: str, **env: str) -> list[int]:
+    """The job's task processes (python, not srun or the batch shell) whose environment has every `env` item."""
+    wanted = {f"SLURM_JOB_ID={job_id}".encode(), *(f"{k}={v}".encode() for k, v in env.items())}
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and (proc / "comm").read_text().startswith("python") and \
+                    wanted <= set((proc / "environ").read_bytes().split(b"\0")):
+                pids.append(int(proc.name))
+        except OSError:
+            continue
+    return pids
+
+
+def sacct_field(job_id: str, field: str) -> str:
+    return subprocess.run(["sacct", "-n", "-P", "-X", "-o", field, "-j", job_id], capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+def test_scontrol_requeue_at_three_random_steps_is_bitwise_exact(tmp_path: Path, shards: Path,
+                                                                 base_model: Path) -> None:
+    overrides = [*FAST, "cpt.steps=40", "cpt.checkpoint.every_steps=10"]
+    assert main(["run", str(cpt_config(tmp_path / "reference", shards, base_model)), *overrides]) == 0
+    assert main(["submit", str(cpt_config(tmp_path / "requeued", shards, base_model)), *overrides]) == 0
+    run = RunDir(tmp_path / "requeued" / "runs" / "cpt")
+    log, job = run.path / "cpt" / "metrics.jsonl", job_of(run)
+    rng = random.Random(os.environ.get("STILLROOM_FAULT_SEED", time.time_ns()))
+    at = sorted(rng.sample(range(2, 36, 3), 3))  # at least 3 apart: each requeue lands after the last resume
+    print(f"\n[fault] requeue at steps {at}")
+    for n, step in enumerate(at, 1):
+        wait_for_step(log, step)
+        subprocess.run(["scontrol", "requeue", job], check=True, capture_output=True)
+        wait_for(f"stop #{n}", lambda n=n: len(records(run.path, "stop")) >= n, timeout=60)
+    entry = wait_finished(run, "cpt", timeout=600)
+    assert entry["status"] == "completed" and entry["attempts"] == 4, entry
+    found = report("scontrol requeue x3", run.path)
+    rank0 = "".join(p.read_text() for p in log_files(run, "cpt", 0))  # what `stillroom logs` prints
+    assert rank0.count("resumed from step-") == 3, "one log file spans every attempt of the job"
+    progress = refresh(run)["stages"]["cpt"]["progress"]
+    assert progress["step"] == progress["total_steps"] == 40 and progress["last_event"] == "checkpoint"
+    assert [f["lost"] for f in found] == [0, 0, 0], "a signalled requeue loses no optimizer step"
+    ref_dir = tmp_path / "reference" / "runs" / "cpt"
+    ref = {r["step"]: r["loss"] for r in records(ref_dir, "train")}
+    got = {r["step"]: r["loss"] for r in records(run.path, "train")}
+    assert got == ref, "every step's loss equals the uninterrupted run's"
+    a, b = weights(ref_dir), weights(run.path)
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a), "final weights are bitwise equal"
+
+
+def test_preemption_by_the_high_partition_saves_requeues_and_finishes(tmp_path: Path, shards: Path,
+                                                                      base_model: Path) -> None:
+    config = cpt_config(tmp_path, shards, base_model)
+    assert main(["submit", str(config), *FAST, "cpt.steps=40", "cpt.checkpoint.every_steps=0"]) == 0
+    run = RunDir(tmp_path / "runs" / "cpt")
+    wait_for_step(run.path / "cpt" / "metrics.jsonl", 5)
+    # Every CPU of both nodes: only preempting the cpt job makes room.
+    high = subprocess.run(["sbatch", "--parsable", "-p", "high", "-N", "2", "--ntasks-per-node=1", "-c", "4",
+                           "--mem=1G", "-o", str(tmp_path / "high.out"), "--wrap", "sleep 2"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    wait_for("the high-priority job to finish", lambda: sacct_field(high, "State") == "COMPLETED", timeout=120)
+    entry = wait_finished(run, "cpt", timeout=600)
+    assert entry["status"] == "completed" and entry["attempts"] >= 2, entry
+    (stop,) = records(run.path, "stop")
+    assert stop["reason"].startswith("signal"), stop
+    assert [f["lost"] for f in report("preemption", run.path)] == [0]
+    assert records(run.path, "train")[-1]["step"] == 40
+
+
+def test_time_limit_shorter_than_training_checkpoints_requeues_and_completes(tmp_path: Path, shards: Path,
+                                                                           base_model: Path) -> None:
+    # About 90 s of training in 1-minute attempts: each stops 25 s before its limit.
+    config = cpt_config(tmp_path, shards, base_model)
+    assert main(["submit", str(config), *FAST, "cpt.steps=240", "cpt.engine.micro_batch=8",
+                 "cpt.checkpoint.every_steps=0", "cpt.resources.time_min=1", "cpt.resources.signal_lead_s=25",
+                 "cpt.resources.max_requeues=8"]) == 0
+    run = RunDir(tmp_path / "runs" / "cpt")
+    entry = wait_finished(run, "cpt", timeout=900)
+    assert entry["status"] == "completed" and entry["attempts"] >= 2, entry
+    stops = records(run.path, "stop")
+    assert stops and all(s["reason"].startswith(("time budget", "signal")) for s in stops), stops
+    wait_for("Slurm to record the job COMPLETED", lambda: sacct_field(job_of(run), "State") == "COMPLETED", timeout=60)
+    assert all(f["lost"] == 0 for f in report(f"time limit, {len(stops)} stops: {stops}", run.path))
+    assert records(run.path, "train")[-1]["step"] == 240
+
+
+def test_sigkill_during_a_checkpoint_write_resumes_from_the_previous_one(tmp_path: Path, shards: Path,
+                                                                       base_model: Path) -> None:
+    config = cpt_config(tmp_path, shards, base_model)
+    overrides = [*FAST, "cpt.steps=30", "cpt.checkpoint.every_steps=5"]
+    assert main(["submit", str(config), *overrides]) == 0
+    run = RunDir(tmp_path / "runs" / "cpt")
+    job, checkpoints = job_of(run), run.path / "cpt" / "checkpoints"
+    deadline = time.monotonic() + 300
+    while not (checkpoints / "step-0000000010.tmp").exists():  # the save of step 10 has begun
+        assert time.monotonic() < deadline, "no checkpoint write of step 10 seen"
+        time.sleep(0.001)
+    assert (checkpoints / "step-0000000005" / "COMPLETE").exists()
+    (rank0,) = task_pids(job, SLURM_PROCID="0")
+    os.kill(rank0, signal.SIGKILL)
+    killed = time.monotonic()
+    entry = wait_finished(run, "cpt", timeout=120)
+    ended_after = time.monotonic() - killed
+    assert entry["status"] == "failed", entry
+    assert not (checkpoints / "step-0000000010").exists(), "the kill landed before the save was renamed complete"
+    assert main(["submit", str(config), *overrides]) == 0  # the same command again: the failed stage resumes
+    entry = wait_finished(run, "cpt", timeout=300)
+    assert entry["status"] == "completed", entry
+    logs = "".join(p.read_text() for p in log_files(run, "cpt", 0))
+    assert "resumed from step-0000000005 at step 5" in logs
+    found = report(f"SIGKILL mid-checkpoint (job ended {ended_after:.1f} s after the kill)", run.path)
+    assert [f["resumed_from"] for f in found] == [5]
+    assert ended_after < 60, "the surviving rank did not hang"
+    assert records(run.path, "train")[-1]["step"] == 30
+
+
+def _kill_node(node: str, job: str) -> None:
+    """What a crashed node looks like to Slurm: its slurmd, the job's step daemons and tasks on it, gone."""
+    tasks = task_pids(job, SLURMD_NODENAME=node)
+    assert tasks, f"no task of job {job} on {node}"
+    stepds = {int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1]) for pid in tasks}
+    slurmd = int(Path(f"/var/lib/stillroom-slurm/run/slurmd-{node}.pid").read_text())
+    for pid in (slurmd, *stepds, *tasks):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_node_lost_during_a_two_node_run_recovers_on_resubmit(tmp_path: Path, shards: Path, base_model: Path) -> None:
+    config = cpt_config(tmp_path, shards, base_model)
+    overrides = [*FAST, "cpt.steps=40", "cpt.checkpoint.every_steps=5", "cpt.resources.nodes=2",
+                 "cpt.resources.tasks_per_node=1"]
+    assert main(["submit", str(config), *overrides]) == 0
+    run = RunDir(tmp_path / "runs" / "cpt")
+    wait_for_step(run.path / "cpt" / "metrics.jsonl", 12)
+    _kill_node("node2", job_of(run))
+    entry = wait_finished(run, "cpt", timeout=300)
+    assert entry["status"] == "failed", entry
+    subprocess.run(["bash", str(REPO / "slurm" / "local_cluster.sh"), "start"], check=True)  # the node is back
+    assert main(["submit", str(config), *overrides]) == 0
+    entry = wait_finished(run, "cpt", timeout=600)
+    assert entry["status"] == "completed", entry
+    (found,) = report("node lost", run.path)
+    assert found["resumed_from"] >= 10
+    assert records(run.path, "train")[-1]["step"] == 40
+
+
+def test_two_node_run_resumed_on_one_node_continues_the_same_data(tmp_path: Path, shards: Path,
+                                                                  base_model: Path) -> None:
+    overrides = [*FAST, "cpt.steps=24", "cpt.checkpoint.every_steps=0", "cpt.engine.grad_accum=2"]
+    assert main(["run", str(cpt_config(tmp_path / "reference", shards, base_model)), *overrides]) == 0
+    config = cpt_config(tmp_path / "moved", shards, base_model)
+    two_nodes = ["cpt.resources.nodes=2", "cpt.resources.tasks_per_node=1"]
+    assert main(["submit", str(config), *overrides, *two_nodes]) == 0
+    run = RunDir(tmp_path / "moved" / "runs" / "cpt")
+    wait_for_step(run.path / "cpt" / "metrics.jsonl", 8)
+    assert main(["cancel", str(run.path)]) == 0  # scancel: SIGTERM, the trainer saves at the next step
+    wait_for("the stop-checkpoint", lambda: records(run.path, "stop"), timeout=60)
+    # One node, one rank: the same global batch is twice the accumulation.
+    assert main(["submit", str(config), *overrides, "cpt.resources.nodes=1", "cpt.resources.tasks_per_node=1",
+                 "cpt.engine.grad_accum=4"]) == 0
+    entry = wait_finished(run, "cpt", timeout=600)
+    assert entry["status"] == "completed", entry
+    (found,) = report("2 nodes -> 1 node", run.path)
+    assert found["lost"] == 0
+    ref = {r["step"]: r["loss"] for r in records(tmp_path / "reference" / "runs" / "cpt", "train")}
+    got = {r["step"]: r["loss"] for r in records(run.path, "train")}
+    assert set(got) == set(ref) == set(range(1, 25))
+    for step in range(found["resumed_from"] + 1, 25):  # same samples; only the reduction order differs
+        assert got[step] == pytest.approx(ref[step], rel=1e-4), step

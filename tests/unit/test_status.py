@@ -1,0 +1,45 @@
+"""`stillroom status`: the table a researcher reads, from a real run directory and progress file."""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from pathlib import Path
+
+from rich.console import Console
+
+from launcher.cli import main
+from launcher.run_config import load_run_config
+from launcher.rundir import RunDir
+from launcher.status import refresh, status_table
+
+
+def _render(run: RunDir) -> str:
+    console = Console(record=True, width=250, file=io.StringIO())
+    console.print(status_table(run, refresh(run)))
+    return console.export_text()
+
+
+def test_status_shows_training_progress_requeues_and_the_forgetting_alarm(tmp_path: Path) -> None:
+    run = RunDir.create(load_run_config(None, [f"run.root={tmp_path}", 'run.stages=["cpt"]']))
+    run.update_stage("cpt", status="running", executor="local", tasks=2, attempt=3)
+    run.stage_dir("cpt").mkdir()
+    (run.stage_dir("cpt") / "progress.json").write_text(json.dumps({
+        "objective": "cpt", "step": 120, "total_steps": 400, "tokens": 1966080, "loss": 2.71828,
+        "domain_ppl": 15.4321, "general_ppl": 31.5, "forgetting_pct": 12.5, "forgetting_alarm": True,
+        "eta_s": 900.0, "updated": time.time()}))
+    text = _render(run)
+    row = next(line for line in text.splitlines() if line.startswith("│ cpt"))
+    for cell in ("running", "120/400", "1,966,080", "2.7183", "15.43 / 31.50", "general ppl +12.5%"):
+        assert cell in row, (cell, row)
+    assert "│ 2 " in row, "attempt 3 is the second requeue"
+    assert "15.0 min" in row or "14.9 min" in row, row
+
+
+def test_status_of_a_stage_without_progress_and_json_output(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    run = RunDir.create(load_run_config(None, [f"run.root={tmp_path}"]))
+    run.update_stage("probe", status="completed", executor="local", tasks=1)
+    assert "completed" in _render(run)
+    assert main(["status", str(run.path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["stages"]["probe"]["status"] == "completed"
