@@ -34,6 +34,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from _bench import emit
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sharding.minhash import MinHashConfig, MinHasher, duplicate_of, shingles  # noqa: E402
@@ -219,6 +220,7 @@ def main() -> None:
     for figure, measured, goal, ok in rows:
         verdict = "" if goal == "" else "pass" if ok else "short"
         print(f"{figure:<{width}}  {measured:>9}  {goal:>8}  {verdict}")
+    emit(rows)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Shard stage throughput, measured side by side in one run on the same documents.
 
-    .venv/bin/python benchmarks/shard_throughput.py [--mb 36] [--threads 2] [--skip-datatrove]
+    .venv/bin/python benchmarks/shard_throughput.py [--mb 36] [--threads 2] [--docs 600] [--skip-datatrove]
 
 Figures (goal):
   end-to-end shard stage / bare `encode_batch`, same tokenizer and threads   (>= 0.85)
@@ -26,6 +26,8 @@ import shutil
 import sys
 import time
 from pathlib import Path
+
+from _bench import emit
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -96,6 +98,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mb", type=float, default=36.0, help="MB of English text (default 36)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="tokenizer threads, both sides")
+    parser.add_argument("--docs", type=int, default=600,
+                        help="distinct documents for near-dup precision/recall (default 600; fewer for a small --mb)")
     parser.add_argument("--skip-datatrove", action="store_true", help="leave out the datatrove comparison")
     args = parser.parse_args()
     os.environ["RAYON_NUM_THREADS"] = str(args.threads)  # before the tokenizer's thread pool starts
@@ -120,7 +124,7 @@ def main() -> None:
 
     minhash = MinHashConfig()
     mh_ours, mh_theirs, _ = throughput(texts, minhash, 3)
-    bases = distinct_bases(texts, 600, minhash.ngram)
+    bases = distinct_bases(texts, args.docs, minhash.ngram)
     rows: list[tuple[str, str, str, bool | None]] = [
         ("bare encode_batch MB/s", f"{bare:.2f}", "", None),
         ("end-to-end shard stage MB/s", f"{ours:.2f}", "", None),
@@ -150,6 +154,7 @@ def main() -> None:
     print(f"\n{'figure':<{width}}  {'measured':>13}  {'goal':>8}  verdict")
     for figure, measured, goal, ok in rows:
         print(f"{figure:<{width}}  {measured:>13}  {goal:>8}  {'' if ok is None else 'pass' if ok else 'short'}")
+    emit(rows)
 
 
 if __name__ == "__main__":

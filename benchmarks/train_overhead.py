@@ -27,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _bench import emit
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
@@ -202,6 +204,7 @@ def main() -> None:
           f"tokens; {args.steps} steps\n\n{'figure':<{width}}  {'measured':>12}  {'goal':>8}  verdict")
     for figure, measured, goal, ok in rows:
         print(f"{figure:<{width}}  {measured:>12}  {goal:>8}  {'' if ok is None else 'pass' if ok else 'short'}")
+    emit(rows)
 
 
 if __name__ == "__main__":

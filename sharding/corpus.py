@@ -347,8 +347,9 @@ def build_corpus(name: str, out_dir: Path, limit: int | None = None) -> Path:
     return target
 
 
-def build_all(out_dir: Path, names: Iterable[str] | None = None) -> dict[str, Path]:
-    """Build these corpora (default: all); fails before building any if a package is missing."""
+def build_all(out_dir: Path, names: Iterable[str] | None = None, limit: int | None = None) -> dict[str, Path]:
+    """Build these corpora (default: all; each its first `limit` documents if given); fails before
+    building any if a package is missing."""
     names = list(CORPORA if names is None else names)
     lacking = [n for n in names if _corpus(n).package.problem() is not None]
     if len(lacking) == 1:
@@ -356,7 +357,7 @@ def build_all(out_dir: Path, names: Iterable[str] | None = None) -> dict[str, Pa
     if lacking:
         raise CorpusError(f"corpora {', '.join(lacking)} need packages that are not installed: "
                           f"{' && '.join(install_command(missing_packages(lacking)))}")
-    return {name: build_corpus(name, out_dir) for name in names}
+    return {name: build_corpus(name, out_dir, limit) for name in names}
 
 
 def read_corpus(path: Path) -> Iterator[dict[str, str]]:

@@ -52,7 +52,7 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class DataConfig:
-    sources: tuple[str, ...] = ()  # shard output folders to mix, e.g. the domain corpus then a general replay set
+    sources: tuple[str, ...] = ()  # shard folders to mix, e.g. domain then replay ("" or none: this run's shards)
     weights: tuple[float, ...] = ()  # mixing weight per source, e.g. [0.95, 0.05] (empty: equal weights)
     names: tuple[str, ...] = ()  # name per source in logs and metrics (empty: the folder names)
     seed: int = 1234  # seeds the per-epoch shuffle of every source; the mixing order itself is fixed
@@ -65,8 +65,6 @@ class DataConfig:
             if getattr(self, name) and len(getattr(self, name)) != len(self.sources):
                 raise ValueError(f"{name} must be empty or have one entry per source ({len(self.sources)}), "
                                  f"got {len(getattr(self, name))}")
-        if any(not path for path in self.sources):
-            raise ValueError("sources must be non-empty folder paths")
         if any(not (math.isfinite(w) and w > 0) for w in self.weights):
             raise ValueError(f"weights must be positive and finite, got {list(self.weights)}")
         if self.seed < 0:

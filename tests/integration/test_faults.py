@@ -132,11 +132,13 @@ def test_preemption_by_the_high_partition_saves_requeues_and_finishes(tmp_path: 
 
 def test_time_limit_shorter_than_training_checkpoints_requeues_and_completes(tmp_path: Path, shards: Path,
                                                                            base_model: Path) -> None:
-    # About 90 s of training in 1-minute attempts: each stops 25 s before its limit.
+    # About 40 s of training in 1-minute attempts, each asked to stop 25 s before its limit. Slurm sends
+    # the signal up to a minute early, so an attempt may train for only a few seconds (less on a busy
+    # machine): the requeue budget is generous, since the test is about surviving them, not counting them.
     config = cpt_config(tmp_path, shards, base_model)
     assert main(["submit", str(config), *FAST, "cpt.steps=240", "cpt.engine.micro_batch=8",
                  "cpt.checkpoint.every_steps=0", "cpt.resources.time_min=1", "cpt.resources.signal_lead_s=25",
-                 "cpt.resources.max_requeues=8"]) == 0
+                 "cpt.resources.max_requeues=30"]) == 0
     run = RunDir(tmp_path / "runs" / "cpt")
     entry = wait_finished(run, "cpt", timeout=900)
     assert entry["status"] == "completed" and entry["attempts"] >= 2, entry

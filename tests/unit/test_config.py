@@ -123,3 +123,10 @@ def test_run_dir_accepts_changes_of_how_it_runs_and_records_them(tmp_path: Path)
     assert config_hash(reopened.load_config()) == config_hash(moved) == reopened.read_state()["config_sha256"]
     with pytest.raises(RunDirError, match=r"cpt.steps: .*--new-run"):
         RunDir.create(load_run_config(None, [root, "cpt.steps=7", "cpt.resources.nodes=3"]))
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.toml")),
+                         ids=lambda p: p.name)
+def test_every_shipped_config_resolves(path: Path) -> None:
+    cfg = load_run_config(path)
+    assert cfg.run.stages, path
