@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 # License documents the demo adapts to (the first N of the corpus); more means a longer demo.
-DEMO_LICENSES ?= 30
+DEMO_LICENSES ?= 40
 # DeepSpeed: no ops are built at install; on a machine without a GPU it must be told to use the CPU,
 # and its JIT-built ops are cached inside the project (the first build takes about 90 s, once).
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
