@@ -94,13 +94,15 @@ def sacct_field(job_id: str, field: str) -> str:
 
 def test_scontrol_requeue_at_three_random_steps_is_bitwise_exact(tmp_path: Path, shards: Path,
                                                                  base_model: Path) -> None:
-    overrides = [*FAST, "cpt.steps=40", "cpt.checkpoint.every_steps=10"]
+    # micro_batch 32 makes a step take about 0.2 s here: a requeue lands 1-3 steps after it is sent, so the
+    # last one (at step <= 38) always arrives well before step 60 ends the run.
+    overrides = [*FAST, "cpt.steps=60", "cpt.engine.micro_batch=32", "cpt.checkpoint.every_steps=10"]
     assert main(["run", str(cpt_config(tmp_path / "reference", shards, base_model)), *overrides]) == 0
     assert main(["submit", str(cpt_config(tmp_path / "requeued", shards, base_model)), *overrides]) == 0
     run = RunDir(tmp_path / "requeued" / "runs" / "cpt")
     job = job_of(run)
     rng = random.Random(os.environ.get("STILLROOM_FAULT_SEED", time.time_ns()))
-    at = sorted(rng.sample(range(2, 36, 3), 3))  # spread over the run
+    at = sorted(rng.sample(range(2, 40, 3), 3))  # spread over the first two thirds of the run
     print(f"\n[fault] requeue at steps {at}")
     for n, step in enumerate(at, 1):
         # Attempt n must be training past `step` (a slow stop could have overshot the planned step).
@@ -113,7 +115,7 @@ def test_scontrol_requeue_at_three_random_steps_is_bitwise_exact(tmp_path: Path,
     rank0 = "".join(p.read_text() for p in log_files(run, "cpt", 0))  # what `stillroom logs` prints
     assert rank0.count("resumed from step-") == 3, "one log file spans every attempt of the job"
     progress = refresh(run)["stages"]["cpt"]["progress"]
-    assert progress["step"] == progress["total_steps"] == 40 and progress["last_event"] == "checkpoint"
+    assert progress["step"] == progress["total_steps"] == 60 and progress["last_event"] == "checkpoint"
     assert [f["lost"] for f in found] == [0, 0, 0], "a signalled requeue loses no optimizer step"
     ref_dir = tmp_path / "reference" / "runs" / "cpt"
     ref = {r["step"]: r["loss"] for r in records(ref_dir, "train")}
