@@ -11,7 +11,7 @@ Each stage is one `LocalPipelineExecutor`, run one after another and timed wall-
 datatrove's own examples (filter job writing JSONL, the four MinHash jobs, then a tokenization job):
     filter             JsonlReader -> GopherRepetitionFilter -> GopherQualityFilter -> PIIFormatter -> JsonlWriter
     minhash_signature  JsonlReader -> MinhashDedupSignature
-    minhash_buckets    MinhashDedupBuckets (14 tasks: datatrove needs one per bucket)
+    minhash_buckets    MinhashDedupBuckets (16 tasks: datatrove needs one per bucket)
     minhash_cluster    MinhashDedupCluster
     minhash_filter     JsonlReader -> MinhashDedupFilter -> JsonlWriter
     tokenize           JsonlReader -> DocumentTokenizer (the local tokenizer.json, EOS after each document)
@@ -26,7 +26,7 @@ Where this differs from `sharding.stage`:
   counterpart of our Unicode/whitespace `normalize` step or of `decontaminate`; neither is run.
 - No exact-dedup stage: identical documents have identical MinHash signatures, so datatrove's MinHash
   already removes them.
-- MinHash: same 5-word shingles and 14 bands x 8 rows = 112 permutations, but datatrove shingles
+- MinHash: same 5-word shingles and 16 bands x 7 rows = 112 permutations, but datatrove shingles
   `simplify_text` output (lowercased, punctuation and digits normalised) with 64-bit xxhash, and drops
   every LSH bucket collision, with no check of estimated Jaccard >= 0.8 as ours does.
 - Tokenization writes datatrove's flat uint16 token files (`shuffle_documents=False`: our shards keep
@@ -94,7 +94,7 @@ def run_datatrove(input_jsonl: Path, tokenizer_json: Path, workdir: Path, tasks:
         (source / input_jsonl.name).symlink_to(input_jsonl.resolve())
     filtered, deduped, sigs, buckets, remove, tokens = (
         str(root / name) for name in ("filtered", "deduped", "sigs", "buckets", "remove", "tokens"))
-    minhash = MinhashConfig(n_grams=5, num_buckets=14, hashes_per_bucket=8)
+    minhash = MinhashConfig(n_grams=5, num_buckets=16, hashes_per_bucket=7)
 
     def reader(folder: Path | str) -> JsonlReader:
         return JsonlReader(str(folder), glob_pattern="*.jsonl", text_key="text")

@@ -1,7 +1,7 @@
 """MinHash speed against datasketch, and near-duplicate precision/recall on planted copies.
 
     .venv/bin/python benchmarks/minhash_quality.py [--mb 20] [--docs 1500] [--repeat 3]
-                                                   [--ngram 5 --bands 14 --threshold 0.8]
+                                                   [--ngram 5 --bands 16 --threshold 0.75]
 
 Needs `pip install datasketch` (benchmark only). English text comes from what the machine has:
 the Python documentation sources, the licenses in /usr/share/common-licenses and the packages'

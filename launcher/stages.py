@@ -122,6 +122,10 @@ def _distill_preflight(cfg: RunConfig) -> None:
         raise ValueError("set distill.student_layers (a student from the teacher's layers) or distill.model.path")
     if cfg.distill.teacher and not (Path(cfg.distill.teacher) / "config.json").is_file():
         raise ValueError(f"distill.teacher '{cfg.distill.teacher}' is not a local Hugging Face model folder")
+    uses_cache = bool(cfg.distill.topk_cache) or "teacher_logits" in cfg.run.stages
+    if uses_cache and cfg.distill.divergence == "reverse_kl" and cfg.distill.topk_student_norm == "vocab":
+        raise ValueError("distill.divergence = 'reverse_kl' against cached top-k logits needs "
+                         "distill.topk_student_norm = 'topk' (over the whole vocabulary it is infinite)")
 
 
 def _report(cfg: RunConfig, out: Path, env: TaskEnv, element: int | None) -> Any:

@@ -32,8 +32,8 @@ _VERIFY_PAIRS = 1 << 16  # candidate pairs compared at once, bounding the (pairs
 class MinHashConfig:
     ngram: int = 5  # words per shingle; a document with fewer words is one shingle of all its words
     num_perm: int = 112  # signature length: hash permutations per document
-    bands: int = 14  # LSH bands; rows per band = num_perm // bands, more bands find lower similarities
-    threshold: float = 0.8  # estimated Jaccard (share of equal signature rows) at which an LSH candidate is a duplicate
+    bands: int = 16  # LSH bands; rows per band = num_perm // bands, more bands find lower similarities
+    threshold: float = 0.75  # estimated Jaccard (share of equal signature rows) making an LSH candidate a duplicate
     seed: int = 1  # seeds the permutations; signatures made with different seeds are not comparable
 
     def __post_init__(self) -> None:

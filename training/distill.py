@@ -65,7 +65,8 @@ def distil(cfg: DistillConfig, out: Path, env: TaskEnv, config_sha256: str) -> d
             values, indices = cache.batch([row for _, row in ids])
             student_logits = engine(input_ids=input_ids).logits
             value, _ = kd_loss_topk(student_logits, torch.from_numpy(values).to(input_ids.device),
-                                    torch.from_numpy(indices).to(input_ids.device), input_ids, **kd_args)
+                                    torch.from_numpy(indices).to(input_ids.device), input_ids,
+                                    student_norm=cfg.topk_student_norm, **kd_args)
             return value
     else:
         teacher = _teacher(cfg, teacher_dir, device)
@@ -77,5 +78,6 @@ def distil(cfg: DistillConfig, out: Path, env: TaskEnv, config_sha256: str) -> d
             return value
 
     objective = Objective("distill", loss, {"teacher": str(teacher_dir), "kd": kd_args,
-                                            "topk_cache": cfg.topk_cache or None})
+                                            "topk_cache": cfg.topk_cache or None,
+                                            "topk_student_norm": cfg.topk_student_norm if cfg.topk_cache else None})
     return train(cfg, out, env, objective, config_sha256)

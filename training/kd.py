@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 Divergence = Literal["forward_kl", "reverse_kl", "jsd", "skew_kl"]
+StudentNorm = Literal["vocab", "topk"]  # where the student is normalised in the cached top-k loss
 FP16_MAX = 65504.0  # largest finite float16, the dtype the top-k cache stores logits in
 
 
@@ -124,18 +125,30 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, *, a
 
 def kd_loss_topk(student_logits: Tensor, teacher_topk_values: Tensor, teacher_topk_indices: Tensor, labels: Tensor,
                  *, alpha: float, temperature: float, divergence: str, beta: float = 0.5,
-                 ignore_index: int = -100) -> tuple[Tensor, dict[str, Tensor]]:
+                 student_norm: StudentNorm = "vocab", ignore_index: int = -100) -> tuple[Tensor, dict[str, Tensor]]:
     """Distillation loss against a cached top-k of the teacher's logits, (B, T, k) values and indices.
 
-    Both distributions live on the teacher's top-k support S (per position), each renormalised over S:
-        p_T(i) = exp(v_i / T) / sum_{j in S} exp(v_j / T)          (teacher mass outside S taken as 0)
-        q_T(i) = exp(s_i / T) / sum_{j in S} exp(s_j / T)          (s = student logits gathered at S)
-    i.e. log_softmax over the k cached values / T and over the k gathered student logits / T, and D is
-    computed between these two k-way distributions. So D only pushes on the student's logits at S (and
-    only their relative values there); CE still uses the full student vocabulary at temperature 1.
-    With k = V (indices in any order) this is exactly kd_loss. Indices may be int32 or int64.
+    The teacher is known only on its top-k support S (per position) and is renormalised there, its mass
+    outside S taken as 0:  p_T(i) = exp(v_i / T) / sum_{j in S} exp(v_j / T).  The student q_T depends on
+    `student_norm`:
+      "vocab"  q_T = softmax(student / T) over the whole vocabulary, read at S. The student's mass
+               outside S is one more outcome, "rest", to which the teacher gives 0: forward KL and skew KL
+               get no term from it, the JSD gets (1 - beta) * q_rest * -log(1 - beta), and reverse KL
+               would be infinite (refused). D therefore also pushes the student's mass onto S: the
+               teacher's top k hold nearly all of its probability, and a student that spreads its mass
+               elsewhere is penalised, as it is by the live teacher.
+      "topk"   q_T renormalised over S too (softmax of the student logits gathered at S): D compares two
+               k-way distributions and moves only the student's logits at S, relative to each other, so
+               it is blind to how much mass the student puts outside S.
+    CE always uses the full student vocabulary at temperature 1. With k = V (indices in any order) both
+    are exactly kd_loss. Indices may be int32 or int64.
     """
     _check(alpha, temperature, divergence, beta)
+    if student_norm not in get_args(StudentNorm):
+        raise ValueError(f"unknown student_norm {student_norm!r}: expected one of {get_args(StudentNorm)}")
+    if student_norm == "vocab" and divergence == "reverse_kl":
+        raise ValueError("reverse_kl against a cached top-k is infinite when the student is normalised over the "
+                         "vocabulary (the teacher gives 0 to the rest); use student_norm='topk' or another divergence")
     if teacher_topk_values.shape != teacher_topk_indices.shape or (
         teacher_topk_values.shape[:2] != labels.shape or student_logits.shape[:2] != labels.shape
     ):
@@ -146,10 +159,36 @@ def kd_loss_topk(student_logits: Tensor, teacher_topk_values: Tensor, teacher_to
         labels, ignore_index, student_logits, teacher_topk_values, teacher_topk_indices)
     student = _float(student)
     ce_sum = F.cross_entropy(student, target, reduction="sum")
-    log_q = F.log_softmax(student.gather(-1, indices.long()) / temperature, dim=-1)
     log_p = F.log_softmax(_float(values.detach()) / temperature, dim=-1)
-    d_sum = _divergence(log_p, log_q, divergence, beta).sum()
+    if student_norm == "topk":
+        log_q = F.log_softmax(student.gather(-1, indices.long()) / temperature, dim=-1)
+        d_sum = _divergence(log_p, log_q, divergence, beta).sum()
+    else:
+        d_sum = _divergence_with_rest(log_p, F.log_softmax(student / temperature, dim=-1), indices.long(),
+                                      divergence, beta).sum()
     return _combine(ce_sum, d_sum, target.numel(), alpha, temperature)
+
+
+def _divergence_with_rest(log_p: Tensor, log_q_vocab: Tensor, indices: Tensor, divergence: str,
+                          beta: float) -> Tensor:
+    """D between the teacher on its support S (+ "rest" at 0) and the student over S + "rest", per row.
+
+    _kl sums exp(log_a) * (log_a - log_b) over S only, which is right for a sub-normalised student too;
+    the rest outcome adds a term only where the student's side of the divergence carries weight.
+    """
+    log_q = log_q_vocab.gather(-1, indices)
+    if divergence == "forward_kl":
+        return _kl(log_p, log_q)
+    if divergence == "skew_kl":
+        return _kl(log_p, _log_mix(log_p, log_q, beta))
+    if divergence == "jsd":
+        log_m = _log_mix(log_p, log_q, beta)
+        # The rest's m is (1 - beta) * q_rest, so KL(q || m) gets q_rest * -log(1 - beta) from it. 1 - sum
+        # is off by float rounding only, which this additive term tolerates; a logsumexp over the ids
+        # outside S would be exact but its gradient is nan when S is the whole vocabulary.
+        q_rest = (1.0 - log_q.exp().sum(-1)).clamp(min=0.0)
+        return beta * _kl(log_p, log_m) + (1.0 - beta) * (_kl(log_q, log_m) - q_rest * math.log1p(-beta))
+    raise AssertionError(divergence)  # kd_loss_topk refused reverse_kl
 
 
 def topk_logits(teacher_logits: Tensor, k: int) -> tuple[Tensor, Tensor]:

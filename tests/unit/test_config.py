@@ -130,3 +130,15 @@ def test_run_dir_accepts_changes_of_how_it_runs_and_records_them(tmp_path: Path)
 def test_every_shipped_config_resolves(path: Path) -> None:
     cfg = load_run_config(path)
     assert cfg.run.stages, path
+
+
+def test_reverse_kl_on_a_top_k_cache_needs_the_top_k_norm_before_any_job() -> None:
+    from launcher.pipeline import PreflightError, preflight
+
+    stages = "run.stages=['teacher_logits', 'distill']"
+    base = [stages, "distill.student_layers=2", "distill.divergence=reverse_kl"]
+    with pytest.raises(PreflightError, match=r"distill: .*topk_student_norm = 'topk'"):
+        preflight(load_run_config(None, base))
+    preflight(load_run_config(None, [*base, "distill.topk_student_norm=topk"]))
+    preflight(load_run_config(None, ["run.stages=['distill']", "distill.student_layers=2",
+                                     "distill.divergence=reverse_kl"]))  # a live teacher: the norm does not apply

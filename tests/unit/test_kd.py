@@ -14,6 +14,8 @@ from torch import Tensor
 from training.kd import kd_loss, kd_loss_topk, topk_logits
 
 DIVERGENCES = ["forward_kl", "reverse_kl", "jsd", "skew_kl"]
+# The cached top-k loss normalises the student over the vocabulary or over the k ids; reverse KL only over the k ids.
+TOPK_CASES = [(d, n) for d in DIVERGENCES for n in ("vocab", "topk") if (d, n) != ("reverse_kl", "vocab")]
 
 
 def _batch(seed: int = 0, dtype: torch.dtype = torch.float32, b: int = 2, t: int = 6, v: int = 7,
@@ -94,17 +96,16 @@ def test_skew_kl_with_beta_zero_is_forward_kl() -> None:
     torch.testing.assert_close(skew, fwd)
 
 
-@pytest.mark.parametrize("topk", [False, True])
-@pytest.mark.parametrize("divergence", DIVERGENCES)
-def test_masked_positions_contribute_nothing(divergence: str, topk: bool) -> None:
+@pytest.mark.parametrize(("divergence", "norm"), [(d, None) for d in DIVERGENCES] + TOPK_CASES)
+def test_masked_positions_contribute_nothing(divergence: str, norm: str | None) -> None:
     student, teacher, labels = _batch(3)
 
     def run(s: Tensor, te: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         s = s.clone().requires_grad_(True)
         kw: dict[str, Any] = {"alpha": 0.4, "temperature": 2.0, "divergence": divergence}
-        if topk:
+        if norm:
             values, indices = torch.topk(te, 4, dim=-1)
-            loss, _ = kd_loss_topk(s, values, indices, y, **kw)
+            loss, _ = kd_loss_topk(s, values, indices, y, student_norm=norm, **kw)
         else:
             loss, _ = kd_loss(s, te, y, **kw)
         loss.backward()
@@ -150,16 +151,16 @@ def test_divergences_are_positive_on_random_inputs(divergence: str) -> None:
         assert parts["kd"].item() > 0.0
 
 
-@pytest.mark.parametrize("topk", [False, True])
-@pytest.mark.parametrize("divergence", DIVERGENCES)
-def test_gradcheck(divergence: str, topk: bool) -> None:
+@pytest.mark.parametrize(("divergence", "norm"), [(d, None) for d in DIVERGENCES] + TOPK_CASES)
+def test_gradcheck(divergence: str, norm: str | None) -> None:
     student, teacher, labels = _batch(6, torch.float64, b=2, t=4, v=5)
     student.requires_grad_(True)
     values, indices = torch.topk(teacher, 3, dim=-1)
 
     def f(s: Tensor) -> Tensor:
         kw: dict[str, Any] = {"alpha": 0.3, "temperature": 1.7, "divergence": divergence, "beta": 0.3}
-        out = kd_loss_topk(s, values, indices, labels, **kw) if topk else kd_loss(s, teacher, labels, **kw)
+        out = (kd_loss_topk(s, values, indices, labels, student_norm=norm, **kw) if norm
+               else kd_loss(s, teacher, labels, **kw))
         return out[0]
 
     assert torch.autograd.gradcheck(f, (student,))
@@ -173,13 +174,16 @@ def test_huge_logits_stay_finite(divergence: str, dtype: torch.dtype) -> None:
     values, indices = torch.topk(teacher, 3, dim=-1)
     for temperature in (1.0, 2.0):
         kw: dict[str, Any] = {"alpha": 0.5, "temperature": temperature, "divergence": divergence, "beta": 0.1}
-        for loss, _ in (kd_loss(student, teacher, labels, **kw), kd_loss_topk(student, values, indices, labels, **kw)):
+        norms = [n for d, n in TOPK_CASES if d == divergence]
+        losses = [kd_loss(student, teacher, labels, **kw)] + [
+            kd_loss_topk(student, values, indices, labels, student_norm=n, **kw) for n in norms]
+        for loss, _ in losses:
             (grad,) = torch.autograd.grad(loss, student)
             assert torch.isfinite(loss) and loss > 0 and torch.isfinite(grad).all()
 
 
-@pytest.mark.parametrize("divergence", DIVERGENCES)
-def test_topk_with_all_indices_in_any_order_is_the_full_loss(divergence: str) -> None:
+@pytest.mark.parametrize(("divergence", "norm"), TOPK_CASES)
+def test_topk_with_all_indices_in_any_order_is_the_full_loss(divergence: str, norm: str) -> None:
     student, teacher, labels = _batch(8)
     v = student.shape[-1]
     g = torch.Generator().manual_seed(0)
@@ -187,7 +191,7 @@ def test_topk_with_all_indices_in_any_order_is_the_full_loss(divergence: str) ->
     kw: dict[str, Any] = {"alpha": 0.4, "temperature": 2.0, "divergence": divergence, "beta": 0.3}
     s1, s2 = student.clone().requires_grad_(True), student.clone().requires_grad_(True)
     full, full_parts = kd_loss(s1, teacher, labels, **kw)
-    top, top_parts = kd_loss_topk(s2, teacher.gather(-1, indices), indices, labels, **kw)
+    top, top_parts = kd_loss_topk(s2, teacher.gather(-1, indices), indices, labels, student_norm=norm, **kw)
     torch.testing.assert_close(top, full)
     torch.testing.assert_close(top_parts, full_parts)
     full.backward()
@@ -196,11 +200,12 @@ def test_topk_with_all_indices_in_any_order_is_the_full_loss(divergence: str) ->
 
 
 @pytest.mark.parametrize("divergence", DIVERGENCES)
-def test_topk_below_vocab_only_moves_the_top_k_student_logits(divergence: str) -> None:
+def test_topk_norm_below_vocab_only_moves_the_top_k_student_logits(divergence: str) -> None:
     student, teacher, labels = _batch(9, v=11)
     student.requires_grad_(True)
     values, indices = topk_logits(teacher, 4)
-    loss, parts = kd_loss_topk(student, values, indices, labels, alpha=0.0, temperature=2.0, divergence=divergence)
+    loss, parts = kd_loss_topk(student, values, indices, labels, alpha=0.0, temperature=2.0, divergence=divergence,
+                               student_norm="topk")
     (grad,) = torch.autograd.grad(loss, student)
     assert torch.isfinite(loss) and parts["kd"] > 0
     in_topk = torch.zeros_like(grad, dtype=torch.bool).scatter_(-1, indices.long(), True)
@@ -243,3 +248,60 @@ def test_rejects_bad_arguments(divergence: str, beta: float, alpha: float, tempe
     student, teacher, labels = _batch(12)
     with pytest.raises(ValueError):
         kd_loss(student, teacher, labels, alpha=alpha, temperature=temperature, divergence=divergence, beta=beta)
+
+
+@pytest.mark.parametrize(("divergence", "beta"), [("forward_kl", 0.5), ("skew_kl", 0.1), ("jsd", 0.3)])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_vocab_norm_matches_reference_with_a_rest_outcome(divergence: str, beta: float, temperature: float) -> None:
+    # The teacher on its top 3 of 7, renormalised there and 0 on a 4th outcome "rest"; the student's softmax
+    # over all 7 at the top 3 ids, its remaining mass as "rest". The reference is the ordinary divergence
+    # between these two 4-way distributions (0 * log 0 = 0).
+    student, teacher, labels = _batch(13, torch.float64)
+    values, indices = torch.topk(teacher, 3, dim=-1)
+    loss, parts = kd_loss_topk(student, values, indices, labels, alpha=0.0, temperature=temperature,
+                               divergence=divergence, beta=beta, student_norm="vocab")
+
+    def kl(a: np.ndarray, b: np.ndarray) -> float:
+        return float(sum(x * math.log(x / y) for x, y in zip(a, b, strict=True) if x > 0))
+
+    ds = []
+    for b in range(labels.shape[0]):
+        for t in range(labels.shape[1] - 1):
+            if int(labels[b, t + 1]) == -100:
+                continue
+            q_all = _np_softmax(student[b, t].numpy() / temperature)
+            q = q_all[indices[b, t].numpy()]
+            q = np.append(q, 1.0 - q.sum())
+            p = np.append(_np_softmax(values[b, t].numpy() / temperature), 0.0)
+            m = beta * p + (1 - beta) * q
+            ds.append(kl(p, q) if divergence == "forward_kl" else
+                      kl(p, m) if divergence == "skew_kl" else beta * kl(p, m) + (1 - beta) * kl(q, m))
+    assert len(ds) == 8
+    assert parts["kd"].item() == pytest.approx(np.mean(ds), rel=1e-10)
+    assert loss.item() == pytest.approx(temperature**2 * np.mean(ds), rel=1e-10)
+
+
+def test_vocab_norm_pushes_the_student_mass_onto_the_teacher_top_k() -> None:
+    # Forward KL with the student normalised over the vocabulary: d/ds_j = T * q_T(j) > 0 for every id j
+    # outside the teacher's top k, so gradient descent takes mass from them; the k-way normalisation
+    # leaves them untouched (test above), blind to mass the student puts outside the top k.
+    student, teacher, labels = _batch(14, v=11)
+    student.requires_grad_(True)
+    values, indices = topk_logits(teacher, 4)
+    loss, _ = kd_loss_topk(student, values, indices, labels, alpha=0.0, temperature=2.0, divergence="forward_kl",
+                           student_norm="vocab")
+    (grad,) = torch.autograd.grad(loss, student)
+    outside = torch.ones_like(grad, dtype=torch.bool).scatter_(-1, indices.long(), False)
+    scored = torch.zeros_like(outside)
+    scored[:, :-1] = (labels[:, 1:] != -100).unsqueeze(-1)
+    assert (grad[outside & scored] > 0).all() and not grad[~scored].any()
+
+
+def test_reverse_kl_with_vocab_norm_is_refused() -> None:
+    student, teacher, labels = _batch(15)
+    values, indices = torch.topk(teacher, 3, dim=-1)
+    with pytest.raises(ValueError, match="student_norm='topk'"):
+        kd_loss_topk(student, values, indices, labels, alpha=0.5, temperature=1.0, divergence="reverse_kl")
+    with pytest.raises(ValueError, match="unknown student_norm"):
+        kd_loss_topk(student, values, indices, labels, alpha=0.5, temperature=1.0, divergence="forward_kl",
+                     student_norm="k")  # type: ignore[arg-type]

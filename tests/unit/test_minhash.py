@@ -81,7 +81,7 @@ def _dedup(texts: list[str]) -> np.ndarray:
 def test_config_rejects_bad_values_naming_the_field(kwargs: dict[str, float], field: str) -> None:
     with pytest.raises(ValueError, match=f"^{field} must"):
         MinHashConfig(**kwargs)  # type: ignore[arg-type]
-    assert MinHashConfig().rows == 8
+    assert MinHashConfig().rows == 7
 
 
 def test_words_are_str_split_words_whatever_the_fast_path() -> None:
@@ -195,7 +195,7 @@ def test_near_copies_are_found_and_unrelated_documents_are_not() -> None:
 
 def test_scattered_edits_fall_below_the_threshold_as_their_jaccard_says() -> None:
     # With 5-word shingles one edited word changes up to 5 shingles: 5% scattered edits leave a Jaccard
-    # near 0.6, which the default threshold of 0.8 rightly does not call a duplicate.
+    # near 0.6, which the default threshold of 0.75 rightly does not call a duplicate.
     bases = [" ".join(d) for d in _docs(10, 400, seed=6)]
     copies = [" ".join(_scatter_edits(b.split(), 0.05, seed=i)) for i, b in enumerate(bases)]
     assert max(_true_jaccard(b, c) for b, c in zip(bases, copies, strict=True)) < 0.75
