@@ -92,7 +92,7 @@ class DistillConfig(TrainConfig):
     divergence: Literal["forward_kl", "reverse_kl", "jsd", "skew_kl"] = "forward_kl"  # D(teacher || student)
     beta: float = 0.5  # mixing weight of jsd and skew_kl
     topk_cache: str = ""  # folder of cached teacher top-k logits (the teacher-logits stage); "": run the teacher
-    topk_student_norm: Literal["vocab", "topk"] = "vocab"  # cached top-k: student softmax over all ids or the k
+    topk_student_norm: Literal["vocab", "topk"] = "topk"  # cached top-k: student softmax over the k ids or all
     teacher_zero3: bool = False  # shard the live teacher across ranks (DeepSpeed ZeRO-3 inference) instead of copies
 
     def __post_init__(self) -> None:

@@ -125,7 +125,7 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, *, a
 
 def kd_loss_topk(student_logits: Tensor, teacher_topk_values: Tensor, teacher_topk_indices: Tensor, labels: Tensor,
                  *, alpha: float, temperature: float, divergence: str, beta: float = 0.5,
-                 student_norm: StudentNorm = "vocab", ignore_index: int = -100) -> tuple[Tensor, dict[str, Tensor]]:
+                 student_norm: StudentNorm = "topk", ignore_index: int = -100) -> tuple[Tensor, dict[str, Tensor]]:
     """Distillation loss against a cached top-k of the teacher's logits, (B, T, k) values and indices.
 
     The teacher is known only on its top-k support S (per position) and is renormalised there, its mass

@@ -136,7 +136,7 @@ def test_reverse_kl_on_a_top_k_cache_needs_the_top_k_norm_before_any_job() -> No
     from launcher.pipeline import PreflightError, preflight
 
     stages = "run.stages=['teacher_logits', 'distill']"
-    base = [stages, "distill.student_layers=2", "distill.divergence=reverse_kl"]
+    base = [stages, "distill.student_layers=2", "distill.divergence=reverse_kl", "distill.topk_student_norm=vocab"]
     with pytest.raises(PreflightError, match=r"distill: .*topk_student_norm = 'topk'"):
         preflight(load_run_config(None, base))
     preflight(load_run_config(None, [*base, "distill.topk_student_norm=topk"]))

@@ -301,7 +301,8 @@ def test_reverse_kl_with_vocab_norm_is_refused() -> None:
     student, teacher, labels = _batch(15)
     values, indices = torch.topk(teacher, 3, dim=-1)
     with pytest.raises(ValueError, match="student_norm='topk'"):
-        kd_loss_topk(student, values, indices, labels, alpha=0.5, temperature=1.0, divergence="reverse_kl")
+        kd_loss_topk(student, values, indices, labels, alpha=0.5, temperature=1.0, divergence="reverse_kl",
+                     student_norm="vocab")
     with pytest.raises(ValueError, match="unknown student_norm"):
         kd_loss_topk(student, values, indices, labels, alpha=0.5, temperature=1.0, divergence="forward_kl",
                      student_norm="k")  # type: ignore[arg-type]
