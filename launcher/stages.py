@@ -21,6 +21,7 @@ from launcher.rundir import RunDir, now_iso
 from sharding.stage import check_inputs, map_files, reduce_shards
 from sharding.summary import summary_table
 from slurm.probe import run_probe
+from slurm.requeue import RequeueWitness
 from slurm.resources import Resources
 from slurm.taskenv import TaskEnv, task_env
 
@@ -180,11 +181,15 @@ class StageTask(submitit.helpers.Checkpointable):
         (step,) = [s for s in STAGES[self.stage].steps if s.name == self.step]
         if env.is_main or self.element is not None:
             run.update_stage(self.stage, status="running", attempt=env.restart_count + 1, last_started_at=now_iso())
+        witness = RequeueWitness().install()
         try:
             result = step.run(cfg, out, env, self.element)
         except Exception as e:
+            witness.wait_if_requeued(env.rank, e)  # an error that only echoes rank 0's requeue is not a failure
             run.update_stage(self.stage, status="failed", error=f"{tag}: {type(e).__name__}: {e}",
                              finished_at=now_iso())
             raise
+        finally:
+            witness.uninstall()
         run.update_stage(self.stage, task_done=tag)
         return result

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import re
+import signal as signals
 from dataclasses import dataclass, field
 from typing import Any
 
-_SIGNAL = re.compile(r"^(SIG)?(USR1|USR2|TERM|INT|HUP|URG|CONT|[0-9]{1,2})$")
+# Names only: submitit's task side looks the name up in the signal module, so a number would fail there.
+_SIGNAL = re.compile(r"^(SIG)?(USR1|USR2|TERM|INT|HUP|URG|CONT)$")
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,10 @@ class Resources:
     def signal_name(self) -> str:
         """The signal as submitit expects it in SUBMITIT_PREEMPT_SIGNAL (no SIG prefix)."""
         return self.signal.removeprefix("SIG")
+
+    @property
+    def signal_number(self) -> signals.Signals:
+        return signals.Signals["SIG" + self.signal_name]
 
     @property
     def tasks(self) -> int:

@@ -61,7 +61,7 @@ def _mean_across_ranks(value: torch.Tensor) -> float:
     return float(value.item())
 
 
-def _exit_for_requeue(stop: StopRequest, rank: int) -> None:
+def _exit_for_requeue(stop: StopRequest, rank: int, requeue_signal: signal.Signals) -> None:
     """Leave after a stop-checkpoint so that the job runs again.
 
     Under submitit (Slurm or local) its own signal handler requeues the job from rank 0: hand it the
@@ -75,7 +75,7 @@ def _exit_for_requeue(stop: StopRequest, rank: int) -> None:
         sys.exit(REQUEUE_EXIT_CODE)
     if os.environ.get("SUBMITIT_EXECUTOR"):
         if rank == 0:
-            os.kill(os.getpid(), received or signal.SIGUSR2)
+            os.kill(os.getpid(), requeue_signal)
         time.sleep(120)
     sys.exit(REQUEUE_EXIT_CODE)
 
@@ -116,6 +116,14 @@ def _choose_checkpoint(checkpoints: Checkpointer, rank: int) -> Path | None:
 
 
 def train(cfg: TrainConfig, out: Path, env: TaskEnv, objective: Objective, config_sha256: str) -> dict[str, Any]:
+    # Listening before the process group exists: a stop signal during set-up is then only recorded, and all
+    # ranks leave together once set up, instead of submitit requeueing from rank 0 in the middle of a rendezvous.
+    with StopRequest().install(signals=(cfg.resources.signal_number, signal.SIGTERM)) as stop:
+        return _train(cfg, out, env, objective, config_sha256, stop)
+
+
+def _train(cfg: TrainConfig, out: Path, env: TaskEnv, objective: Objective, config_sha256: str,
+           stop: StopRequest) -> dict[str, Any]:
     # --- set up: processes, data, model, engine, state --------------------------------------------------------
     device = setup_distributed(env)
     rank, world, main = env.rank, env.world_size, env.rank == 0
@@ -143,7 +151,6 @@ def train(cfg: TrainConfig, out: Path, env: TaskEnv, objective: Objective, confi
     state = TrainState(manifest_sha256=[s.manifest_sha256 for s in sources], config_sha256=config_sha256,
                        model_fingerprint=model_fingerprint(cfg.model.path), tokenizer_sha256=tokenizer_sha,
                        seq_len=seq_len)
-    stop = StopRequest().install()
     end_time = env.end_time or (slurm_job_end_time(env.job_id) if env.launcher == "slurm" and main else None)
     stop.set_deadline(end_time, margin_s=float(cfg.resources.signal_lead_s))
     early = EarlyStopping(cfg.eval.patience, cfg.eval.min_delta, cfg.eval.forgetting_pct)
@@ -198,6 +205,16 @@ def train(cfg: TrainConfig, out: Path, env: TaskEnv, objective: Objective, confi
         path = checkpoints.save(state.step, write, metric=metric)
         record("checkpoint", path=path.name, reason=reason, seconds=time.monotonic() - began)
 
+    def leave(reason: str, saved: str) -> None:
+        record("stop", reason=reason)
+        if main:
+            print(f"[train] stopping at step {state.step}: {reason}; {saved}, exit for requeue", flush=True)
+        if log is not None:
+            log.close()
+        _exit_for_requeue(stop, rank, cfg.resources.signal_number)
+
+    if requested := stop.agree(device):  # it came during set-up: leave before doing work nobody would save
+        leave(requested, "nothing new to save")
     if state.step == 0 and resumed is None:  # the base model's numbers: the reference for the forgetting alarm
         base = evaluate(engine, val_sets, cfg.engine.micro_batch, device, rank, world)
         early.set_baseline(base)
@@ -255,13 +272,7 @@ def train(cfg: TrainConfig, out: Path, env: TaskEnv, objective: Objective, confi
             save(requested or stopped or ("final" if state.step == cfg.steps else "scheduled"), metric)
             last_save = time.monotonic()
         if requested:
-            record("stop", reason=requested)
-            if main:
-                print(f"[train] stopping at step {state.step}: {requested}; checkpoint saved, exit for requeue",
-                      flush=True)
-            if log is not None:
-                log.close()
-            _exit_for_requeue(stop, rank)
+            leave(requested, "checkpoint saved")
 
     # --- export -------------------------------------------------------------------------------------------------
     source = checkpoints.best() if cfg.export == "best" and early.best is not None else None
@@ -271,7 +282,6 @@ def train(cfg: TrainConfig, out: Path, env: TaskEnv, objective: Objective, confi
         "validation": early.last, "stopped": stopped, "config_sha256": config_sha256})
     if log is not None:
         log.close()
-    stop.uninstall()
     final = early.last.get("domain_loss", math.nan)
     return {"step": state.step, "tokens": state.tokens, "export": str(out / "export"), **result,
             "final_domain_loss": None if math.isnan(final) else final}

@@ -147,13 +147,14 @@ def test_preemption_by_the_high_partition_saves_requeues_and_finishes(tmp_path: 
 @pytest.mark.timeout(1200)
 def test_time_limit_shorter_than_training_checkpoints_requeues_and_completes(tmp_path: Path, shards: Path,
                                                                            base_model: Path) -> None:
-    # About 70 s of training (idle machine; slower when busy) in 1-minute attempts, each asked to stop 25 s
-    # before its limit, so at most 35 s each: at least 3 attempts. Slurm sends the signal up to a minute
-    # early, so an attempt may also train for only a few seconds: the requeue budget is generous, since
-    # the test is about surviving them, not counting them.
+    # About 105 s of training (idle machine; slower when busy) in 2-minute attempts, each asked to stop 25 s
+    # before its limit and spending about 10 s starting, so at most 85 s of training each: at least 2
+    # attempts. Slurm sends the signal up to a minute early, so an attempt may train for only half a minute
+    # (1-minute attempts spent most of theirs starting: 13 attempts in one CI run); the requeue budget is
+    # generous, since the test is about surviving them, not counting them.
     config = cpt_config(tmp_path, shards, base_model)
-    assert main(["submit", str(config), *FAST, "cpt.steps=200", "cpt.engine.micro_batch=32",
-                 "cpt.checkpoint.every_steps=0", "cpt.resources.time_min=1", "cpt.resources.signal_lead_s=25",
+    assert main(["submit", str(config), *FAST, "cpt.steps=300", "cpt.engine.micro_batch=32",
+                 "cpt.checkpoint.every_steps=0", "cpt.resources.time_min=2", "cpt.resources.signal_lead_s=25",
                  "cpt.resources.max_requeues=30"]) == 0
     run = RunDir(tmp_path / "runs" / "cpt")
     entry = wait_finished(run, "cpt", timeout=900)
@@ -162,7 +163,40 @@ def test_time_limit_shorter_than_training_checkpoints_requeues_and_completes(tmp
     assert stops and all(s["reason"].startswith(("time budget", "signal")) for s in stops), stops
     wait_for("Slurm to record the job COMPLETED", lambda: sacct_field(job_of(run), "State") == "COMPLETED", timeout=60)
     assert all(f["lost"] == 0 for f in report(f"time limit, {len(stops)} stops: {stops}", run.path))
-    assert records(run.path, "train")[-1]["step"] == 200
+    assert records(run.path, "train")[-1]["step"] == 300
+
+
+def listens(pid: int) -> bool:
+    """Whether the process has a listening TCP socket: on rank 0, the rendezvous store of the process group."""
+    try:
+        links = [os.readlink(fd) for fd in Path(f"/proc/{pid}/fd").iterdir()]
+        tables = [Path(f"/proc/{pid}/net/{name}").read_text() for name in ("tcp", "tcp6")]
+    except OSError:  # the process ended, or a descriptor closed while being listed
+        return False
+    sockets = {link[len("socket:["):-1] for link in links if link.startswith("socket:[")}
+    rows = [line.split() for table in tables for line in table.splitlines()[1:]]
+    return any(row[3] == "0A" and row[9] in sockets for row in rows)  # 0A: TCP_LISTEN
+
+
+def test_requeue_signal_during_start_up_leaves_once_set_up_and_the_stage_completes(tmp_path: Path, shards: Path,
+                                                                                    base_model: Path) -> None:
+    # Slurm may signal an attempt still joining its process group (short limits make it common). Rank 0
+    # then used to requeue from inside the rendezvous, and rank 1's "connection closed by peer" marked the
+    # stage failed while its next attempt was already queued.
+    config = cpt_config(tmp_path, shards, base_model)
+    assert main(["submit", str(config), *FAST, "cpt.steps=10"]) == 0
+    run = RunDir(tmp_path / "runs" / "cpt")
+    job = job_of(run)
+    (rank0,) = wait_for("rank 0's process", lambda: task_pids(job, SLURM_PROCID="0"), timeout=120)
+    wait_for("rank 0's rendezvous store", lambda: listens(rank0), timeout=120)
+    assert not records(run.path, "first_step"), "training began before the signal could be sent"
+    subprocess.run(["scancel", "--signal=USR2", job], check=True, capture_output=True)  # what --signal sends
+    entry = wait_finished(run, "cpt", timeout=300)
+    assert entry["status"] == "completed" and entry["attempts"] == 2, entry
+    logs = "".join(p.read_text() for p in log_files(run, "cpt", 0))
+    assert "stopping at step 0: signal SIGUSR2; nothing new to save, exit for requeue" in logs
+    assert [r["step"] for r in records(run.path, "stop")] == [0]
+    assert records(run.path, "train")[-1]["step"] == 10
 
 
 def test_sigkill_during_a_checkpoint_write_resumes_from_the_previous_one(tmp_path: Path, shards: Path,
