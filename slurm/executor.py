@@ -76,8 +76,20 @@ class SlurmExecutor(Executor):
     def __init__(self, python: str = sys.executable) -> None:
         self.python = python
 
-    def _command(self, folder: Path) -> str:
-        return f"{shlex.quote(self.python)} -u -m submitit.core._submit {shlex.quote(str(folder))}"
+    def _python(self, res: Resources) -> str:
+        """The interpreter each task runs, started with the stop signal ignored until a handler replaces it.
+
+        Slurm may signal a task that is still importing (a preemption, or a time limit close to the job's
+        start). USR1 and USR2 kill a process that has no handler, and --kill-on-bad-exit then ends the whole
+        step: the job fails instead of requeueing. An ignored signal stays ignored across exec; submitit's
+        handler replaces that once loaded, so only a signal that arrives before Python could act is dropped
+        (the trainer's own time-budget check still stops before a time limit).
+        """
+        ignore = f'trap "" {res.signal_name} && exec "$0" "$@"'
+        return f"sh -c {shlex.quote(ignore)} {shlex.quote(self.python)}"
+
+    def _command(self, folder: Path, res: Resources) -> str:
+        return f"{self._python(res)} -u -m submitit.core._submit {shlex.quote(str(folder))}"
 
     def render(self, spec: JobSpec) -> str:
         _check_folder(spec.folder)
@@ -85,13 +97,13 @@ class SlurmExecutor(Executor):
         array: dict[str, Any] = {"map_count": len(spec.tasks)} if spec.is_array else {}
         # submitit's own renderer, so what we print is what it submits; tests pin it to a golden file.
         return submitit_slurm._make_sbatch_string(
-            command=self._command(spec.folder), folder=spec.folder, **params, **array
+            command=self._command(spec.folder, spec.resources), folder=spec.folder, **params, **array
         )
 
     def submit(self, spec: JobSpec) -> list[submitit.Job[Any]]:
         _check_folder(spec.folder)
         executor = submitit.SlurmExecutor(
-            folder=spec.folder, max_num_timeout=spec.resources.max_requeues, python=shlex.quote(self.python)
+            folder=spec.folder, max_num_timeout=spec.resources.max_requeues, python=self._python(spec.resources)
         )
         executor.update_parameters(**sbatch_parameters(spec.resources, spec.name, spec.after))
         try:

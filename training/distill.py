@@ -6,6 +6,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from slurm.taskenv import TaskEnv
@@ -14,7 +15,7 @@ from training.data import OpenedSource
 from training.engine import load_model, setup_distributed
 from training.kd import kd_loss, kd_loss_topk
 from training.loop import Objective, train
-from training.student import check_same_vocab, student_from_teacher
+from training.student import block_influence, check_same_vocab, choose_layers_by_influence, student_from_teacher
 from training.topk_cache import TopkCache
 
 
@@ -30,9 +31,30 @@ def prepare_student(cfg: DistillConfig, out: Path) -> dict[str, Any]:
     """One task, before training: derive the student from the teacher's layers (once) and check vocabularies."""
     teacher, student = teacher_path(cfg, out), student_path(cfg, out)
     if cfg.student_layers and not (student / "config.json").exists():
-        student_from_teacher(teacher, student, layers=cfg.student_layers, dtype=cfg.model.dtype)
+        if cfg.student_layer_choice == "influence":
+            keep, provenance = _layers_by_influence(cfg, teacher)
+            student_from_teacher(teacher, student, keep=keep, dtype=cfg.model.dtype, provenance=provenance)
+        else:
+            student_from_teacher(teacher, student, layers=cfg.student_layers, dtype=cfg.model.dtype,
+                                 provenance={"layer_choice": "even"})
     check_same_vocab(teacher, student)
     return {"teacher": str(teacher), "student": str(student)}
+
+
+def _layers_by_influence(cfg: DistillConfig, teacher: Path) -> tuple[list[int], dict[str, Any]]:
+    """The teacher layers to keep by block influence, measured on rows spread over the first training source."""
+    source = OpenedSource(cfg.data.sources[0], "train")
+    n = min(cfg.student_calibration_rows, source.rows)
+    if n == 0:
+        raise ValueError(f"{source.folder} has no training rows to measure block influence on")
+    rows = torch.from_numpy(np.stack([source.get(i * source.rows // n) for i in range(n)]).astype(np.int64))
+    model = load_model(str(teacher), cfg.model.dtype, -1.0, False).eval()
+    influence = block_influence(model, rows)
+    keep = choose_layers_by_influence(influence, cfg.student_layers)
+    print(f"[student] block influence per teacher layer: {' '.join(f'{x:.3f}' for x in influence)}\n"
+          f"[student] keeping layers {keep} (calibration: {n} rows of {source.seq_len} tokens)", flush=True)
+    return keep, {"layer_choice": "influence", "block_influence": [round(x, 6) for x in influence],
+                  "calibration_rows": n}
 
 
 def _teacher(cfg: DistillConfig, folder: Path, device: torch.device) -> Any:

@@ -1,8 +1,10 @@
-"""Initialise a student by depth pruning: a copy of the teacher that keeps an evenly spaced subset of its layers.
+"""Initialise a student by depth pruning: a copy of the teacher that keeps a subset of its layers.
 
 Like DistilBERT (every other layer) and Minitron (depth pruning), the student starts from the teacher's own
 weights rather than from noise: embeddings, final norm and LM head are copied, and each kept decoder layer is
-copied whole, so distillation starts close to the teacher and only has to repair the removed depth.
+copied whole, so distillation starts close to the teacher and only has to repair the removed depth. Which
+layers: evenly spaced (`choose_layers`), or those that change the residual stream most on sample data
+(`block_influence`, after ShortGPT).
 """
 
 from __future__ import annotations
@@ -49,6 +51,51 @@ def choose_layers(n_teacher: int, n_student: int) -> list[int]:
     return [(2 * i * span + steps) // (2 * steps) for i in range(n_student)]
 
 
+def choose_layers_by_influence(influence: Sequence[float], n_student: int) -> list[int]:
+    """The `n_student` layers with the highest block influence, in order; first and last always kept.
+
+    Ties go to the earlier layer. First and last are kept for the reason given in `choose_layers`, and because
+    a cosine ignores how much a layer rescales its input, which matters most at the two ends.
+    """
+    n_teacher = len(influence)
+    choose_layers(n_teacher, n_student)  # the same checks on the counts
+    if n_student == n_teacher:
+        return list(range(n_teacher))
+    middle = sorted(range(1, n_teacher - 1), key=lambda i: (-influence[i], i))[:n_student - 2]
+    return [0, *sorted(middle), n_teacher - 1]
+
+
+def block_influence(model: torch.nn.Module, rows: torch.Tensor, batch: int = 4) -> list[float]:
+    """Each decoder layer's block influence (ShortGPT, Men et al. 2024) on the token rows `rows`.
+
+    1 - the mean cosine similarity between the hidden state entering a layer and the one leaving it, over
+    every token: a layer that barely turns the residual stream is the cheapest to remove.
+    """
+    config: Any = model.config
+    n_layers = int(config.num_hidden_layers)
+    layers = model.get_submodule(_layer_prefix(model, n_layers).rstrip("."))
+    assert isinstance(layers, torch.nn.ModuleList)
+    similarity = torch.zeros(n_layers, dtype=torch.float64)
+
+    def hook(index: int) -> Any:
+        def record(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+            entering = args[0] if args else kwargs["hidden_states"]
+            leaving = output[0] if isinstance(output, tuple) else output
+            cosine = torch.nn.functional.cosine_similarity(entering.double(), leaving.double(), dim=-1)
+            similarity[index] += cosine.sum()
+        return record
+
+    handles = [layer.register_forward_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    try:
+        with torch.no_grad():
+            for start in range(0, len(rows), batch):
+                model(input_ids=rows[start:start + batch])
+    finally:
+        for handle in handles:
+            handle.remove()
+    return (1.0 - similarity / rows.numel()).tolist()
+
+
 def _layer_prefix(model: torch.nn.Module, n_layers: int) -> str:
     """State-dict prefix of the decoder layers ('model.layers.' for Llama, 'transformer.h.' for GPT-2).
 
@@ -83,10 +130,11 @@ def _student_config(config: Any, keep: list[int]) -> Any:
 
 
 def student_from_teacher(teacher: Path, out: Path, *, layers: int | None = None, keep: Sequence[int] | None = None,
-                         dtype: str = "fp32") -> Path:
+                         dtype: str = "fp32", provenance: dict[str, Any] | None = None) -> Path:
     """Write a depth-pruned copy of the local HF model `teacher` to `out` (which must not exist); returns `out`.
 
     Pass `layers` (evenly spaced by `choose_layers`) or `keep` (explicit teacher layer indices, increasing).
+    `provenance` is added to the student.json written beside the weights (how the layers were chosen).
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -136,7 +184,7 @@ def student_from_teacher(teacher: Path, out: Path, *, layers: int | None = None,
             "teacher": str(teacher.resolve()), "teacher_fingerprint": model_fingerprint(str(teacher)),
             "kept_layers": kept, "teacher_layers": n_teacher, "dtype": dtype,
             "params_teacher": sum(p.numel() for p in model.parameters()),
-            "params_student": sum(p.numel() for p in student.parameters())})
+            "params_student": sum(p.numel() for p in student.parameters()), **(provenance or {})})
         tmp.rename(out)  # readers see no folder or a complete one
         fsync_dir(out.parent)
     except BaseException:

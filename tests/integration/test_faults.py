@@ -166,16 +166,16 @@ def test_time_limit_shorter_than_training_checkpoints_requeues_and_completes(tmp
     assert records(run.path, "train")[-1]["step"] == 300
 
 
-def listens(pid: int) -> bool:
-    """Whether the process has a listening TCP socket: on rank 0, the rendezvous store of the process group."""
+def tcp_states(pid: int) -> set[str]:
+    """States of the TCP sockets the process holds ("0A": listening, "01": established); empty once it ended."""
     try:
         links = [os.readlink(fd) for fd in Path(f"/proc/{pid}/fd").iterdir()]
         tables = [Path(f"/proc/{pid}/net/{name}").read_text() for name in ("tcp", "tcp6")]
     except OSError:  # the process ended, or a descriptor closed while being listed
-        return False
+        return set()
     sockets = {link[len("socket:["):-1] for link in links if link.startswith("socket:[")}
     rows = [line.split() for table in tables for line in table.splitlines()[1:]]
-    return any(row[3] == "0A" and row[9] in sockets for row in rows)  # 0A: TCP_LISTEN
+    return {row[3] for row in rows if row[9] in sockets}
 
 
 def test_requeue_signal_during_start_up_leaves_once_set_up_and_the_stage_completes(tmp_path: Path, shards: Path,
@@ -188,7 +188,10 @@ def test_requeue_signal_during_start_up_leaves_once_set_up_and_the_stage_complet
     run = RunDir(tmp_path / "runs" / "cpt")
     job = job_of(run)
     (rank0,) = wait_for("rank 0's process", lambda: task_pids(job, SLURM_PROCID="0"), timeout=120)
-    wait_for("rank 0's rendezvous store", lambda: listens(rank0), timeout=120)
+    (rank1,) = wait_for("rank 1's process", lambda: task_pids(job, SLURM_PROCID="1"), timeout=120)
+    # Rank 0 serves the rendezvous store and rank 1 is connected to it: both are joining the process group.
+    wait_for("both ranks in the rendezvous", lambda: "0A" in tcp_states(rank0) and "01" in tcp_states(rank1),
+             timeout=120)
     assert not records(run.path, "first_step"), "training began before the signal could be sent"
     subprocess.run(["scancel", "--signal=USR2", job], check=True, capture_output=True)  # what --signal sends
     entry = wait_finished(run, "cpt", timeout=300)

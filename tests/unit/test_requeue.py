@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -77,3 +78,22 @@ def test_the_requeue_signal_is_the_one_submitit_reads(monkeypatch: pytest.Monkey
 def test_signal_numbers_are_refused_since_submitit_looks_names_up() -> None:
     with pytest.raises(ValueError, match="signal name"):
         Resources(signal="12")
+
+
+def test_tasks_start_with_the_stop_signal_ignored_until_a_handler_is_installed() -> None:
+    # The interpreter command the batch script runs: a signal that reaches the task before Python has a
+    # handler must not kill it (USR2's default action), and Python must still be able to install one.
+    from slurm.executor import SlurmExecutor
+
+    python = SlurmExecutor(python=sys.executable)._python(Resources(signal="USR2"))
+    code = ("import os, signal, time\n"
+            "os.kill(os.getpid(), signal.SIGUSR2)\n"
+            "time.sleep(0.1)\n"
+            "seen = []\n"
+            "signal.signal(signal.SIGUSR2, lambda signum, frame: seen.append(signum))\n"
+            "os.kill(os.getpid(), signal.SIGUSR2)\n"
+            "time.sleep(0.1)\n"
+            "print('alive, handled', seen)\n")
+    done = subprocess.run(["bash", "-c", f"{python} -c {shlex.quote(code)}"], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0 and f"alive, handled [{int(signal.SIGUSR2)}]" in done.stdout, done

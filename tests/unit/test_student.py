@@ -22,7 +22,14 @@ from transformers import (
 )
 
 from sharding.tokenize import train_bpe_tokenizer
-from training.student import _student_config, check_same_vocab, choose_layers, student_from_teacher
+from training.student import (
+    _student_config,
+    block_influence,
+    check_same_vocab,
+    choose_layers,
+    choose_layers_by_influence,
+    student_from_teacher,
+)
 from training.tiny import build_tiny_llama
 
 PROBE = (torch.arange(40).reshape(2, 20) * 37 % 300).long()  # fixed token ids, all inside the tiny vocabularies
@@ -193,3 +200,38 @@ def test_check_same_vocab(teachers: dict[str, Path], tmp_path: Path) -> None:
     (student / "config.json").write_text(json.dumps({**config, "vocab_size": config["vocab_size"] + 64}))
     with pytest.raises(ValueError, match="vocabulary sizes differ"):
         check_same_vocab(teacher, student)
+
+
+@pytest.mark.parametrize(("influence", "k", "expected"), [
+    ([0.9, 0.1, 0.5, 0.3, 0.2, 0.05], 4, [0, 2, 3, 5]),  # ends kept even when the last scores lowest
+    ([0.9, 0.2, 0.2, 0.2, 0.2, 0.9], 3, [0, 1, 5]),  # ties go to the earlier layer
+    ([0.1, 0.5, 0.4], 3, [0, 1, 2]),
+    ([0.1, 0.5, 0.4, 0.3], 2, [0, 3]),
+])
+def test_choose_layers_by_influence(influence: list[float], k: int, expected: list[int]) -> None:
+    assert choose_layers_by_influence(influence, k) == expected
+
+
+def test_choose_layers_by_influence_checks_counts() -> None:
+    with pytest.raises(ValueError, match="more layers"):
+        choose_layers_by_influence([0.1, 0.2], 3)
+    with pytest.raises(ValueError, match="at least 2 layers"):
+        choose_layers_by_influence([0.1, 0.2, 0.3], 1)
+
+
+@pytest.mark.parametrize("name", ["llama-tied", "gpt2"])
+def test_a_layer_that_passes_its_input_through_has_no_influence(teachers: dict[str, Path], name: str) -> None:
+    # Zeroing the projections that write into the residual stream makes layer 3 the identity (output = input).
+    model = _load(teachers[name])
+    writes = ("self_attn.o_proj", "mlp.down_proj") if name.startswith("llama") else ("attn.c_proj", "mlp.c_proj")
+    prefix = "model.layers.3." if name.startswith("llama") else "transformer.h.3."
+    with torch.no_grad():
+        for module in writes:
+            for tensor in model.get_submodule(prefix + module).parameters():
+                tensor.zero_()
+    # Not the pad token (id 0): its embedding is zero, and a zero vector has no direction to compare.
+    influence = block_influence(model, PROBE.clamp(min=1), batch=1)
+    assert len(influence) == 6
+    assert abs(influence[3]) < 1e-9, influence
+    assert min(x for i, x in enumerate(influence) if i != 3) > 1e-4, influence
+    assert 3 not in choose_layers_by_influence(influence, 5)
