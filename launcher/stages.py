@@ -186,10 +186,10 @@ class StageTask(submitit.helpers.Checkpointable):
             result = step.run(cfg, out, env, self.element)
         except Exception as e:
             witness.wait_if_requeued(env.rank, e)  # an error that only echoes rank 0's requeue is not a failure
+            witness.uninstall()
             run.update_stage(self.stage, status="failed", error=f"{tag}: {type(e).__name__}: {e}",
                              finished_at=now_iso())
             raise
-        finally:
-            witness.uninstall()
+        witness.ignore_from_now()  # finished: a stop signal now must neither requeue this task nor kill it
         run.update_stage(self.stage, task_done=tag)
         return result

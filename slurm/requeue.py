@@ -54,6 +54,17 @@ class RequeueWitness:
             signal.signal(self.signal, signal.SIG_DFL if self._previous is None else self._previous)
             self._installed = False
 
+    def ignore_from_now(self) -> None:
+        """The task's work is done: ignore the signal until the process ends.
+
+        A job that finishes within its signal lead time is signalled while it exits. Requeueing then would
+        rerun finished work, and a process without a handler dies of the signal (Python resets its handlers
+        to the default action as it shuts down, but leaves ignored signals ignored), which Slurm records as
+        a FAILED job whose afterok dependants never start.
+        """
+        signal.signal(self.signal, signal.SIG_IGN)
+        self._installed = False
+
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.seen_at is None:
             self.seen_at = time.time()

@@ -97,3 +97,17 @@ def test_tasks_start_with_the_stop_signal_ignored_until_a_handler_is_installed()
     done = subprocess.run(["bash", "-c", f"{python} -c {shlex.quote(code)}"], capture_output=True, text=True,
                           timeout=60)
     assert done.returncode == 0 and f"alive, handled [{int(signal.SIGUSR2)}]" in done.stdout, done
+
+
+def test_after_the_work_is_done_the_signal_is_ignored_at_exit_too() -> None:
+    # A job finishing within its signal lead time is signalled while it exits: that must not kill it.
+    code = ("import os, signal, atexit, time\n"
+            "from slurm.requeue import RequeueWitness\n"
+            "signal.signal(signal.SIGUSR2, lambda signum, frame: print('requeue!', flush=True))\n"
+            "witness = RequeueWitness(signal.SIGUSR2).install()\n"
+            "witness.ignore_from_now()\n"
+            "os.kill(os.getpid(), signal.SIGUSR2)\n"
+            "time.sleep(0.1)\n"
+            "atexit.register(lambda: (os.kill(os.getpid(), signal.SIGUSR2), time.sleep(0.1), print('exiting')))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "requeue!" not in done.stdout and "exiting" in done.stdout, done
