@@ -20,7 +20,8 @@ from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
-# Longer than any sane KillWait (Slurm's default is 30 s): a requeue ends the task well before this.
+# How long a rank waits for the requeue rank 0 started to end it. Longer than any sane KillWait (Slurm's
+# default is 30 s): a requeue ends the task well before this.
 REQUEUE_GRACE_S = 120.0
 
 

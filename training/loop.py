@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from sharding.tokenize import tokenizer_fingerprint
 from slurm.files import write_json_atomic
+from slurm.requeue import REQUEUE_GRACE_S
 from slurm.taskenv import TaskEnv, process_age_s, slurm_job_end_time
 from training.checkpoint import Checkpointer, TrainState, capture_rng, restore_rng, rng_file
 from training.config import TrainConfig
@@ -76,7 +77,7 @@ def _exit_for_requeue(stop: StopRequest, rank: int, requeue_signal: signal.Signa
     if os.environ.get("SUBMITIT_EXECUTOR"):
         if rank == 0:
             os.kill(os.getpid(), requeue_signal)
-        time.sleep(120)
+        time.sleep(REQUEUE_GRACE_S)
     sys.exit(REQUEUE_EXIT_CODE)
 
 
