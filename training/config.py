@@ -88,7 +88,8 @@ class DistillConfig(TrainConfig):
     teacher: str = ""  # the teacher's Hugging Face folder ("": this run's cpt export)
     student_layers: int = 0  # derive the student by keeping this many of the teacher's layers (0: model.path)
     student_layer_choice: Literal["even", "influence"] = "even"  # which: evenly spaced, or highest block influence
-    student_calibration_rows: int = 32  # training rows the block influence is measured on
+    student_bridge: bool = False  # fold a least-squares map for each removed block into the kept layer before it
+    student_calibration_rows: int = 32  # training rows the block influence and the bridges are measured on
     alpha: float = 0.5  # weight of the plain cross-entropy; 1 - alpha weighs the distillation term
     temperature: float = 2.0  # softens both distributions in the distillation term (scaled back by T^2)
     divergence: Literal["forward_kl", "reverse_kl", "jsd", "skew_kl"] = "forward_kl"  # D(teacher || student)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -31,30 +32,44 @@ def prepare_student(cfg: DistillConfig, out: Path) -> dict[str, Any]:
     """One task, before training: derive the student from the teacher's layers (once) and check vocabularies."""
     teacher, student = teacher_path(cfg, out), student_path(cfg, out)
     if cfg.student_layers and not (student / "config.json").exists():
-        if cfg.student_layer_choice == "influence":
-            keep, provenance = _layers_by_influence(cfg, teacher)
-            student_from_teacher(teacher, student, keep=keep, dtype=cfg.model.dtype, provenance=provenance)
+        rows = _calibration_rows(cfg) if cfg.student_layer_choice == "influence" or cfg.student_bridge else None
+        bridge_rows = rows if cfg.student_bridge else None
+        if rows is not None and cfg.student_layer_choice == "influence":
+            keep, provenance = _layers_by_influence(cfg, teacher, rows)
+            student_from_teacher(teacher, student, keep=keep, dtype=cfg.model.dtype, provenance=provenance,
+                                 bridge_rows=bridge_rows)
         else:
             student_from_teacher(teacher, student, layers=cfg.student_layers, dtype=cfg.model.dtype,
-                                 provenance={"layer_choice": "even"})
+                                 provenance={"layer_choice": "even"}, bridge_rows=bridge_rows)
+        if cfg.student_bridge:
+            for bridge in json.loads((student / "student.json").read_text())["bridges"]:
+                print(f"[student] bridge in layer {bridge['teacher_layer']} for removed layers {bridge['replaces']}: "
+                      f"relative error {bridge['relative_error_before']:.3f} -> {bridge['relative_error_after']:.3f}",
+                      flush=True)
     check_same_vocab(teacher, student)
     return {"teacher": str(teacher), "student": str(student)}
 
 
-def _layers_by_influence(cfg: DistillConfig, teacher: Path) -> tuple[list[int], dict[str, Any]]:
-    """The teacher layers to keep by block influence, measured on rows spread over the first training source."""
+def _calibration_rows(cfg: DistillConfig) -> torch.Tensor:
+    """Rows spread evenly over the first training source: what block influence and bridges are measured on."""
     source = OpenedSource(cfg.data.sources[0], "train")
     n = min(cfg.student_calibration_rows, source.rows)
     if n == 0:
-        raise ValueError(f"{source.folder} has no training rows to measure block influence on")
+        raise ValueError(f"{source.folder} has no training rows to measure the student's initialisation on")
     rows = torch.from_numpy(np.stack([source.get(i * source.rows // n) for i in range(n)]).astype(np.int64))
+    source.close()
+    return rows
+
+
+def _layers_by_influence(cfg: DistillConfig, teacher: Path, rows: torch.Tensor) -> tuple[list[int], dict[str, Any]]:
+    """The teacher layers to keep by block influence on the calibration rows."""
     model = load_model(str(teacher), cfg.model.dtype, -1.0, False).eval()
     influence = block_influence(model, rows)
     keep = choose_layers_by_influence(influence, cfg.student_layers)
     print(f"[student] block influence per teacher layer: {' '.join(f'{x:.3f}' for x in influence)}\n"
-          f"[student] keeping layers {keep} (calibration: {n} rows of {source.seq_len} tokens)", flush=True)
+          f"[student] keeping layers {keep} (calibration: {len(rows)} rows of {rows.shape[1]} tokens)", flush=True)
     return keep, {"layer_choice": "influence", "block_influence": [round(x, 6) for x in influence],
-                  "calibration_rows": n}
+                  "calibration_rows": len(rows)}
 
 
 def _teacher(cfg: DistillConfig, folder: Path, device: torch.device) -> Any:

@@ -34,6 +34,7 @@ from training.data import OpenedSource
 PROMPT_TOKENS = 32  # greedy generation benchmark: a fixed prompt of this many tokens ...
 NEW_TOKENS = 32  # ... continued by exactly this many new tokens
 GENERATE_RUNS = 3  # timed generate runs per model; the median is reported
+SIDE_BY_SIDE_ROUNDS = 4  # student-vs-teacher speed: alternating rounds of one forward and one generate each
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
 
@@ -96,6 +97,16 @@ def _timed(device: torch.device, fn: Any) -> tuple[Any, float]:
     return result, time.perf_counter() - began
 
 
+def _generation(model: Any, rows: Mapping[str, torch.Tensor], device: torch.device) -> tuple[torch.Tensor, dict]:
+    """The generation benchmark's prompt and arguments: the same work for every model."""
+    prompt = torch.cat(list(rows.values())).reshape(-1)[:PROMPT_TOKENS][None].to(device)
+    if prompt.shape[1] < PROMPT_TOKENS:
+        raise ValueError(f"the val sets hold fewer than {PROMPT_TOKENS} tokens: too few for the generation prompt")
+    # min_new_tokens: an early EOS must not shorten the run, or models would be timed on different work.
+    return prompt, {"attention_mask": torch.ones_like(prompt), "do_sample": False, "max_new_tokens": NEW_TOKENS,
+                    "min_new_tokens": NEW_TOKENS, "pad_token_id": model.config.eos_token_id}
+
+
 def _evaluate(model: Any, rows: Mapping[str, torch.Tensor], batch: int, device: torch.device) -> dict[str, Any]:
     loss: dict[str, float] = {}
     rates: list[float] = []  # tokens/s of each forward pass
@@ -111,12 +122,7 @@ def _evaluate(model: Any, rows: Mapping[str, torch.Tensor], batch: int, device: 
             total, predicted = total + float(out.loss) * n, predicted + n
             rates.append(chunk.numel() / seconds)
         loss[set_name] = total / predicted  # token-weighted: every row has seq_len tokens, none padded
-    prompt = torch.cat(list(rows.values())).reshape(-1)[:PROMPT_TOKENS][None].to(device)
-    if prompt.shape[1] < PROMPT_TOKENS:
-        raise ValueError(f"the val sets hold fewer than {PROMPT_TOKENS} tokens: too few for the generation prompt")
-    # min_new_tokens: an early EOS must not shorten the run, or models would be timed on different work.
-    kwargs = {"attention_mask": torch.ones_like(prompt), "do_sample": False, "max_new_tokens": NEW_TOKENS,
-              "min_new_tokens": NEW_TOKENS, "pad_token_id": model.config.eos_token_id}
+    prompt, kwargs = _generation(model, rows, device)
     model.generate(prompt, **kwargs)  # warm-up, as above
     runs = [_timed(device, lambda: model.generate(prompt, **kwargs)) for _ in range(GENERATE_RUNS)]
     new_tokens = runs[0][0].shape[1] - PROMPT_TOKENS
@@ -127,14 +133,50 @@ def _evaluate(model: Any, rows: Mapping[str, torch.Tensor], batch: int, device: 
             "generate_tokens_per_s": statistics.median(new_tokens / seconds for _, seconds in runs)}
 
 
-def _ratios(models: Mapping[str, Any], sets: list[str]) -> dict[str, Any]:
+def _load(folder: Path, dtype: torch.dtype, device: torch.device) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    model: Any = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True)
+    return model.to(device).eval()
+
+
+def _side_by_side(folders: Mapping[str, Path], rows: Mapping[str, torch.Tensor], batch: int, dtype: torch.dtype,
+                  device: torch.device) -> dict[str, Any]:
+    """Speed of the student against the teacher, both loaded, their timed passes interleaved in ABBA order.
+    Timed one model after the other, a slow spell of a shared machine lands on one model only and moves the
+    ratio by tens of percent; interleaved, it lands on both."""
+    models = {name: _load(folders[name], dtype, device) for name in ("teacher", "student")}
+    chunk = next(iter(rows.values()))[:batch].to(device)
+    samples: dict[str, dict[str, list[float]]] = {kind: {n: [] for n in models} for kind in ("forward", "generate")}
+    with torch.no_grad():
+        for model in models.values():  # warm-up, untimed, as in _evaluate
+            prompt, kwargs = _generation(model, rows, device)
+            model(input_ids=chunk)
+            model.generate(prompt, **kwargs)
+        for round_ in range(SIDE_BY_SIDE_ROUNDS):
+            for name in list(models)[:: 1 if round_ % 2 == 0 else -1]:
+                model = models[name]
+                prompt, kwargs = _generation(model, rows, device)
+                _, seconds = _timed(device, lambda m=model: m(input_ids=chunk))
+                samples["forward"][name].append(chunk.numel() / seconds)
+                out, seconds = _timed(device, lambda m=model, p=prompt, k=kwargs: m.generate(p, **k))
+                samples["generate"][name].append((out.shape[1] - prompt.shape[1]) / seconds)
+    del models
+    gc.collect()
+    speedup = {kind: statistics.median(by["student"]) / statistics.median(by["teacher"])
+               for kind, by in samples.items()}
+    return {"rounds": SIDE_BY_SIDE_ROUNDS, "tokens_per_s": samples, "speedup": speedup}
+
+
+def _ratios(models: Mapping[str, Any], sets: list[str], side_by_side: Mapping[str, Any] | None) -> dict[str, Any]:
     """The comparisons the pipeline exists for, where the report has the models they need."""
     ratios: dict[str, Any] = {}
     if "student" in models and "teacher" in models:
         s, t = models["student"], models["teacher"]
         ratios["student_teacher_ppl"] = {k: s["ppl"][k] / t["ppl"][k] for k in sets}
-        ratios["student_speedup_forward"] = s["forward_tokens_per_s"] / t["forward_tokens_per_s"]
-        ratios["student_speedup_generate"] = s["generate_tokens_per_s"] / t["generate_tokens_per_s"]
+    if side_by_side:
+        ratios["student_speedup_forward"] = side_by_side["speedup"]["forward"]
+        ratios["student_speedup_generate"] = side_by_side["speedup"]["generate"]
     if "teacher" in models and "base" in models:
         t, b = models["teacher"], models["base"]
         ratios["teacher_vs_base_ppl_pct"] = {k: 100.0 * (t["ppl"][k] / b["ppl"][k] - 1.0) for k in sets}
@@ -159,8 +201,8 @@ def _table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
 def _ratio_lines(ratios: Mapping[str, Any]) -> list[str]:
     lines = [f"student/teacher perplexity on {k}: {v:.3f}" for k, v in ratios.get("student_teacher_ppl", {}).items()]
     if "student_speedup_forward" in ratios:
-        lines.append(f"student speedup vs teacher: forward x{ratios['student_speedup_forward']:.2f}, "
-                     f"generate x{ratios['student_speedup_generate']:.2f}")
+        lines.append(f"student speedup vs teacher (measured side by side): forward "
+                     f"x{ratios['student_speedup_forward']:.2f}, generate x{ratios['student_speedup_generate']:.2f}")
     lines += [f"teacher vs base perplexity on {k}: {v:+.1f}%"
               for k, v in ratios.get("teacher_vs_base_ppl_pct", {}).items()]
     return lines
@@ -267,8 +309,6 @@ def write_report(models: Mapping[str, Path], val_sets: Mapping[str, Path], out: 
                  batch: int = 8, device: str = "cpu", metrics: Mapping[str, Path] | None = None) -> dict[str, Any]:
     """Evaluate `models` (name -> local HF folder) on the val split of `val_sets` (name -> shard folder),
     write results.json, report.md, index.html and charts into `out`; return the results."""
-    from transformers import AutoModelForCausalLM
-
     if not models or not val_sets or max_rows < 1 or batch < 1:
         raise ValueError("need at least one model and one val set, max_rows >= 1 and batch >= 1")
     _figure()  # fail before minutes of evaluation, not after, when matplotlib is missing
@@ -294,8 +334,7 @@ def write_report(models: Mapping[str, Path], val_sets: Mapping[str, Path], out: 
                             "tokenizer_sha256": manifests[name].tokenizer_sha256} for name, ids in rows.items()},
         "metrics": {stage: str(path) for stage, path in (metrics or {}).items()}}
     for name, folder in models.items():
-        model: Any = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True)
-        model = model.to(dev).eval()
+        model = _load(folder, dtype, dev)
         with torch.no_grad():
             measured = _evaluate(model, rows, batch, dev)
         results["models"][name] = {
@@ -306,7 +345,9 @@ def write_report(models: Mapping[str, Path], val_sets: Mapping[str, Path], out: 
         gc.collect()
         if dev.type == "cuda":
             torch.cuda.empty_cache()
-    results["ratios"] = _ratios(results["models"], list(rows))
+    if "teacher" in models and "student" in models:
+        results["side_by_side"] = _side_by_side(models, rows, batch, dtype, dev)
+    results["ratios"] = _ratios(results["models"], list(rows), results.get("side_by_side"))
     out.mkdir(parents=True, exist_ok=True)
     _plot_perplexity(results, out / "perplexity.png")
     _plot_speed_size(results, out / "speed_size.png")

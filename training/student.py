@@ -9,6 +9,7 @@ layers: evenly spaced (`choose_layers`), or those that change the residual strea
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import itertools
@@ -73,8 +74,7 @@ def block_influence(model: torch.nn.Module, rows: torch.Tensor, batch: int = 4) 
     """
     config: Any = model.config
     n_layers = int(config.num_hidden_layers)
-    layers = model.get_submodule(_layer_prefix(model, n_layers).rstrip("."))
-    assert isinstance(layers, torch.nn.ModuleList)
+    layers = _decoder_layers(model, n_layers)
     similarity = torch.zeros(n_layers, dtype=torch.float64)
 
     def hook(index: int) -> Any:
@@ -94,6 +94,105 @@ def block_influence(model: torch.nn.Module, rows: torch.Tensor, batch: int = 4) 
         for handle in handles:
             handle.remove()
     return (1.0 - similarity / rows.numel()).tolist()
+
+
+class _Enough(Exception):
+    """Raised from a hook to end a forward pass once the layers after the one being fitted are not needed."""
+
+
+def _bridge_parts(layer: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Linear]:
+    """The pre-MLP norm (its input is the residual stream after attention) and the MLP output projection of a
+    Llama-style pre-norm decoder layer, whose output is exactly that residual + the projection's output."""
+    norm, mlp = getattr(layer, "post_attention_layernorm", None), getattr(layer, "mlp", None)
+    down = getattr(mlp, "down_proj", None)
+    if norm is None or not isinstance(down, torch.nn.Linear) or hasattr(layer, "post_feedforward_layernorm"):
+        raise ValueError(f"student bridges need Llama-style pre-norm decoder layers (post_attention_layernorm, "
+                         f"mlp.down_proj, nothing after the MLP); {type(layer).__name__} is not one")
+    return norm, down
+
+
+def _layer_streams(model: torch.nn.Module, norm: torch.nn.Module, down: torch.nn.Linear, rows: torch.Tensor,
+                   batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The residual stream entering `norm` and the output of `down` (one layer's), on every row; each forward
+    pass ends at `down`, since the layers after it do not matter to the fit."""
+    seen: dict[str, list[torch.Tensor]] = {"residual": [], "mlp": []}
+
+    def residual(module: torch.nn.Module, args: Any, output: Any) -> None:
+        seen["residual"].append(args[0].detach().double())
+
+    def mlp_out(module: torch.nn.Module, args: Any, output: Any) -> None:
+        seen["mlp"].append(output.detach().double())
+        raise _Enough
+
+    handles = [norm.register_forward_hook(residual), down.register_forward_hook(mlp_out)]
+    try:
+        with torch.no_grad():
+            for start in range(0, len(rows), batch):
+                with contextlib.suppress(_Enough):
+                    model(input_ids=rows[start:start + batch])
+    finally:
+        for handle in handles:
+            handle.remove()
+    return torch.cat(seen["residual"]), torch.cat(seen["mlp"])
+
+
+def fit_bridges(teacher: torch.nn.Module, student: torch.nn.Module, kept: Sequence[int], rows: torch.Tensor,
+                batch: int = 4, ridge: float = 1e-3) -> list[dict[str, Any]]:
+    """Fold a linear map into the MLP output projection of every kept layer that removed layers follow, fitted
+    by least squares on `rows` so that the residual stream leaving it approximates the teacher's after the
+    removed block (ReplaceMe, Shopkhoev et al. 2025). Training-free; returns one record per bridge.
+
+    Fitted in order on the student as bridged so far, so each fit also absorbs the error the earlier ones left.
+    `ridge` scales a Tikhonov term (relative to the mean squared MLP output) that keeps the solve well posed.
+    """
+    teacher_config: Any = teacher.config
+    teacher_layers = _decoder_layers(teacher, int(teacher_config.num_hidden_layers))
+    student_layers = _decoder_layers(student, len(kept))
+    # (student layer, teacher layer whose output the bridged layer should reproduce), one per removed block
+    ends = [*kept[1:], len(teacher_layers)]
+    gaps = [(j, end - 1) for j, end in enumerate(ends) if end - kept[j] > 1]
+    targets: dict[int, list[torch.Tensor]] = {t: [] for _, t in gaps}
+
+    def keep_output(index: int) -> Any:
+        def record(module: torch.nn.Module, args: Any, output: Any) -> None:
+            targets[index].append((output[0] if isinstance(output, tuple) else output).detach().double())
+        return record
+
+    handles = [teacher_layers[t].register_forward_hook(keep_output(t)) for t in targets]
+    try:
+        with torch.no_grad():
+            for start in range(0, len(rows), batch):
+                teacher(input_ids=rows[start:start + batch])
+    finally:
+        for handle in handles:
+            handle.remove()
+    fitted = []
+    for j, t in gaps:
+        norm, down = _bridge_parts(student_layers[j])
+        residual, mlp = _layer_streams(student, norm, down, rows, batch)
+        width = down.out_features
+        m = mlp.reshape(-1, width)
+        target = torch.cat(targets[t]).reshape(-1, width)
+        want = target - residual.reshape(-1, width)  # what the layer's MLP would have to add
+        gram = m.T @ m
+        gram += torch.eye(width, dtype=gram.dtype) * (ridge * gram.diagonal().mean())
+        bridge = torch.linalg.solve(gram, m.T @ want)  # m @ bridge ~ want
+        # Errors of the residual stream leaving the layer, relative to the teacher's state there.
+        before = float((want - m).pow(2).mean() / target.pow(2).mean())
+        after = float((want - m @ bridge).pow(2).mean() / target.pow(2).mean())
+        with torch.no_grad():  # out = z W^T, so out @ bridge = z (bridge^T W)^T; a bias maps along with it
+            down.weight.copy_((bridge.T @ down.weight.double()).to(down.weight.dtype))
+            if down.bias is not None:
+                down.bias.copy_((down.bias.double() @ bridge).to(down.bias.dtype))
+        fitted.append({"student_layer": j, "teacher_layer": kept[j], "replaces": list(range(kept[j] + 1, t + 1)),
+                       "relative_error_before": round(before, 6), "relative_error_after": round(after, 6)})
+    return fitted
+
+
+def _decoder_layers(model: torch.nn.Module, n_layers: int) -> torch.nn.ModuleList:
+    layers = model.get_submodule(_layer_prefix(model, n_layers).rstrip("."))
+    assert isinstance(layers, torch.nn.ModuleList)  # _layer_prefix only finds ModuleLists
+    return layers
 
 
 def _layer_prefix(model: torch.nn.Module, n_layers: int) -> str:
@@ -130,11 +229,13 @@ def _student_config(config: Any, keep: list[int]) -> Any:
 
 
 def student_from_teacher(teacher: Path, out: Path, *, layers: int | None = None, keep: Sequence[int] | None = None,
-                         dtype: str = "fp32", provenance: dict[str, Any] | None = None) -> Path:
+                         dtype: str = "fp32", provenance: dict[str, Any] | None = None,
+                         bridge_rows: torch.Tensor | None = None) -> Path:
     """Write a depth-pruned copy of the local HF model `teacher` to `out` (which must not exist); returns `out`.
 
     Pass `layers` (evenly spaced by `choose_layers`) or `keep` (explicit teacher layer indices, increasing).
     `provenance` is added to the student.json written beside the weights (how the layers were chosen).
+    With `bridge_rows` (token ids, rows x seq_len), `fit_bridges` adapts the kept layers before each gap.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -170,6 +271,9 @@ def student_from_teacher(teacher: Path, out: Path, *, layers: int | None = None,
     # strict: a key the student lacks or does not fill means the renaming went wrong, not a warning. With tied
     # embeddings both names hold the same tensor and the student's head and embeddings are one parameter.
     student.load_state_dict(state, strict=True)
+    if bridge_rows is not None:
+        bridges = fit_bridges(model.eval(), student.eval(), kept, bridge_rows)
+        provenance = {**(provenance or {}), "bridges": bridges, "bridge_rows": len(bridge_rows)}
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")

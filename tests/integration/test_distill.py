@@ -128,10 +128,16 @@ def test_cached_topk_with_the_whole_vocabulary_matches_the_live_teacher(
         TopkCache(cache_dir, OpenedSource(shards), teacher_model)
     assert main(["run", str(config), 'run.stages=["distill"]', "run.name=cached", f"distill.topk_cache={cache_dir}",
                  f"distill.domain_val={shards}", "distill.steps=4", "distill.eval.every=4",
-                 "distill.eval.batches=1"]) == 0
+                 "distill.eval.batches=1", "distill.student_layer_choice=influence", "distill.student_bridge=true",
+                 "distill.student_calibration_rows=6"]) == 0
     export = tmp_path / "kd" / "runs" / "cached" / "distill" / "export"
     provenance = json.loads((export / "provenance.json").read_text())
     assert provenance["topk_cache"] == str(cache_dir)
+    # The student step measured block influence and bridged layers 1-2 into layer 0, on 6 rows of the source.
+    student = json.loads((export.parent / "student-init" / "student.json").read_text())
+    assert student["layer_choice"] == "influence" and student["kept_layers"] == [0, 3]
+    assert student["bridge_rows"] == 6 and [b["replaces"] for b in student["bridges"]] == [[1, 2]]
+    assert student["bridges"][0]["relative_error_after"] < student["bridges"][0]["relative_error_before"]
 
 
 @pytest.mark.slurm

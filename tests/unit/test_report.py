@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import statistics
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -115,7 +116,14 @@ def test_markdown_html_ratios_and_console_table(setup: dict[str, Any]) -> None:
     ratios = results["ratios"]
     s, t = results["models"]["student"], results["models"]["teacher"]
     assert ratios["student_teacher_ppl"]["domain"] == pytest.approx(s["ppl"]["domain"] / t["ppl"]["domain"])
-    assert ratios["student_speedup_forward"] == pytest.approx(s["forward_tokens_per_s"] / t["forward_tokens_per_s"])
+    # The speed-up comes from the side-by-side rounds, not from the table's one-model-at-a-time columns.
+    side = results["side_by_side"]
+    assert side["rounds"] == 4
+    for kind in ("forward", "generate"):
+        by = side["tokens_per_s"][kind]
+        assert set(by) == {"teacher", "student"} and all(len(v) == 4 and min(v) > 0 for v in by.values())
+        assert ratios[f"student_speedup_{kind}"] == pytest.approx(
+            statistics.median(by["student"]) / statistics.median(by["teacher"]))
     b = results["models"]["base"]
     assert ratios["teacher_vs_base_ppl_pct"]["general"] == pytest.approx(
         100 * (t["ppl"]["general"] / b["ppl"]["general"] - 1))
@@ -143,6 +151,7 @@ def test_no_curves_without_metrics_and_no_ratios_without_their_models(setup: dic
     results = write_report({"student": setup["models"]["student"]}, {"domain": setup["val_sets"]["domain"]},
                            tmp_path / "out", max_rows=2, batch=2)
     assert results["images"] == ["perplexity.png", "speed_size.png"] and results["ratios"] == {}
+    assert "side_by_side" not in results
     assert not (tmp_path / "out" / "curves.png").exists()
     assert "<img" in (tmp_path / "out" / "index.html").read_text()
 

@@ -28,6 +28,7 @@ from training.student import (
     check_same_vocab,
     choose_layers,
     choose_layers_by_influence,
+    fit_bridges,
     student_from_teacher,
 )
 from training.tiny import build_tiny_llama
@@ -235,3 +236,71 @@ def test_a_layer_that_passes_its_input_through_has_no_influence(teachers: dict[s
     assert abs(influence[3]) < 1e-9, influence
     assert min(x for i, x in enumerate(influence) if i != 3) > 1e-4, influence
     assert 3 not in choose_layers_by_influence(influence, 5)
+
+
+CALIBRATION = (torch.arange(8 * 32).reshape(8, 32) * 37 % 299 + 1).long()  # 256 tokens > 64 wide: a full-rank fit
+
+
+def _mlp_error(model: Any, layer: int, rows: torch.Tensor, target: torch.Tensor) -> float:
+    """Relative squared error of the residual stream leaving `layer` of `model` against `target`."""
+    seen: list[torch.Tensor] = []
+    handle = model.model.layers[layer].register_forward_hook(lambda m, a, out: seen.append(
+        (out[0] if isinstance(out, tuple) else out).double()))
+    with torch.no_grad():
+        model(input_ids=rows)
+    handle.remove()
+    return float((target - seen[0]).pow(2).mean() / target.pow(2).mean())
+
+
+def _teacher_outputs(model: Any, rows: torch.Tensor) -> list[torch.Tensor]:
+    with torch.no_grad():
+        states = model(input_ids=rows, output_hidden_states=True).hidden_states
+    return [h.double() for h in states[1:-1]]  # output of layer i (the last one is after the final norm)
+
+
+def test_bridges_fit_the_teachers_state_after_each_removed_block(teachers: dict[str, Path], tmp_path: Path) -> None:
+    keep = [0, 2, 5]  # removed blocks: layer 1 (bridged in layer 0) and layers 3-4 (bridged in layer 2)
+    teacher = _load(teachers["llama-tied"])
+    plain = _load(student_from_teacher(teachers["llama-tied"], tmp_path / "plain", keep=keep))
+    out = student_from_teacher(teachers["llama-tied"], tmp_path / "bridged", keep=keep, bridge_rows=CALIBRATION)
+    bridged = _load(out)
+    bridges = json.loads((out / "student.json").read_text())["bridges"]
+    assert [(b["student_layer"], b["teacher_layer"], b["replaces"]) for b in bridges] == [(0, 0, [1]), (1, 2, [3, 4])]
+    outputs = _teacher_outputs(teacher, CALIBRATION)
+    for b in bridges:
+        target = outputs[b["replaces"][-1]]
+        # Recomputed from the saved student: the fold into the weights is the map that was fitted...
+        assert _mlp_error(bridged, b["student_layer"], CALIBRATION, target) == pytest.approx(
+            b["relative_error_after"], rel=1e-3, abs=1e-9)
+        assert b["relative_error_after"] < b["relative_error_before"]
+    # ...and the first gap's error before bridging is the plain student's (later ones start from bridged input).
+    assert _mlp_error(plain, 0, CALIBRATION, outputs[1]) == pytest.approx(bridges[0]["relative_error_before"], rel=1e-3)
+    # Only the MLP output projections before a gap change.
+    changed = {k for k, v in bridged.state_dict().items() if not torch.equal(v, plain.state_dict()[k])}
+    assert changed == {"model.layers.0.mlp.down_proj.weight", "model.layers.1.mlp.down_proj.weight"}
+    with torch.no_grad():
+        logits = teacher(input_ids=CALIBRATION).logits
+        gap = [float((m(input_ids=CALIBRATION).logits - logits).pow(2).mean()) for m in (plain, bridged)]
+    assert gap[1] < gap[0], gap
+
+
+def test_a_removed_layer_that_passes_its_input_through_needs_no_bridge(teachers: dict[str, Path]) -> None:
+    teacher = _load(teachers["llama-tied"])
+    with torch.no_grad():  # layer 3 becomes the identity, so keeping [0, 1, 2, 4, 5] loses nothing
+        for module in ("self_attn.o_proj", "mlp.down_proj"):
+            teacher.get_submodule(f"model.layers.3.{module}").weight.zero_()
+    student = _load(teachers["llama-tied"])
+    student.model.layers = torch.nn.ModuleList([student.model.layers[i] for i in (0, 1, 2, 4, 5)])
+    for j, layer in enumerate(student.model.layers):
+        layer.self_attn.layer_idx = j
+    student.config.num_hidden_layers = 5
+    fitted = fit_bridges(teacher, student, [0, 1, 2, 4, 5], CALIBRATION, ridge=1e-12)
+    assert [b["replaces"] for b in fitted] == [[3]] and fitted[0]["relative_error_before"] < 1e-12
+    with torch.no_grad():
+        assert torch.allclose(student(input_ids=CALIBRATION).logits, teacher(input_ids=CALIBRATION).logits, atol=1e-5)
+
+
+def test_bridges_refuse_layers_that_are_not_llama_style(teachers: dict[str, Path], tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"student bridges need Llama-style pre-norm decoder layers .* GPT2Block"):
+        student_from_teacher(teachers["gpt2"], tmp_path / "s", keep=[0, 2, 5], bridge_rows=CALIBRATION)
+    assert not (tmp_path / "s").exists()
