@@ -87,7 +87,7 @@ class TrainConfig:
 class DistillConfig(TrainConfig):
     teacher: str = ""  # the teacher's Hugging Face folder ("": this run's cpt export)
     student_layers: int = 0  # derive the student by keeping this many of the teacher's layers (0: model.path)
-    student_layer_choice: Literal["even", "influence"] = "even"  # which: evenly spaced, or highest block influence
+    student_layer_choice: Literal["influence", "even"] = "influence"  # which: highest block influence, or evenly spaced
     student_bridge: bool = False  # fold a least-squares map for each removed block into the kept layer before it
     student_calibration_rows: int = 32  # training rows the block influence and the bridges are measured on
     alpha: float = 0.5  # weight of the plain cross-entropy; 1 - alpha weighs the distillation term
