@@ -33,14 +33,12 @@ def prepare_student(cfg: DistillConfig, out: Path) -> dict[str, Any]:
     teacher, student = teacher_path(cfg, out), student_path(cfg, out)
     if cfg.student_layers and not (student / "config.json").exists():
         rows = _calibration_rows(cfg) if cfg.student_layer_choice == "influence" or cfg.student_bridge else None
-        bridge_rows = rows if cfg.student_bridge else None
+        layers: dict[str, Any] = {"layers": cfg.student_layers, "provenance": {"layer_choice": "even"}}
         if rows is not None and cfg.student_layer_choice == "influence":
             keep, provenance = _layers_by_influence(cfg, teacher, rows)
-            student_from_teacher(teacher, student, keep=keep, dtype=cfg.model.dtype, provenance=provenance,
-                                 bridge_rows=bridge_rows)
-        else:
-            student_from_teacher(teacher, student, layers=cfg.student_layers, dtype=cfg.model.dtype,
-                                 provenance={"layer_choice": "even"}, bridge_rows=bridge_rows)
+            layers = {"keep": keep, "provenance": provenance}
+        student_from_teacher(teacher, student, dtype=cfg.model.dtype, bridge_rows=rows if cfg.student_bridge else None,
+                             **layers)
         if cfg.student_bridge:
             for bridge in json.loads((student / "student.json").read_text())["bridges"]:
                 print(f"[student] bridge in layer {bridge['teacher_layer']} for removed layers {bridge['replaces']}: "

@@ -3,7 +3,8 @@
 `write_report` evaluates every model on the same rows of every val set and writes, into one folder:
 results.json (all numbers and the inputs' paths), report.md, index.html (plain HTML, needs nothing but a
 browser) and PNG charts. Throughput is measured on the machine that runs the report, so it is only
-comparable between models of one report, never across reports run on other hardware.
+comparable between models of one report, never across reports run on other hardware. The student's speed-up
+over the teacher comes from a separate side-by-side measurement (`_side_by_side`) with both models loaded.
 """
 
 from __future__ import annotations

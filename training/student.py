@@ -4,7 +4,8 @@ Like DistilBERT (every other layer) and Minitron (depth pruning), the student st
 weights rather than from noise: embeddings, final norm and LM head are copied, and each kept decoder layer is
 copied whole, so distillation starts close to the teacher and only has to repair the removed depth. Which
 layers: evenly spaced (`choose_layers`), or those that change the residual stream most on sample data
-(`block_influence`, after ShortGPT).
+(`block_influence`, after ShortGPT). Optionally, `fit_bridges` then adapts the layer before each removed
+block so that it lands where the removed layers would have (a training-free repair, after ReplaceMe).
 """
 
 from __future__ import annotations
