@@ -67,6 +67,23 @@ def choose_layers_by_influence(influence: Sequence[float], n_student: int) -> li
     return [0, *sorted(middle), n_teacher - 1]
 
 
+class _Enough(Exception):
+    """Raised from a hook to end a forward pass once the layers after the one being fitted are not needed."""
+
+
+def _forward_with_hooks(model: torch.nn.Module, rows: torch.Tensor, batch: int, handles: list[Any]) -> None:
+    """Run `rows` through `model` in batches, without gradients, for the forward hooks `handles` to record;
+    then remove them, also on error. A hook may end a pass early by raising _Enough."""
+    try:
+        with torch.no_grad():
+            for start in range(0, len(rows), batch):
+                with contextlib.suppress(_Enough):
+                    model(input_ids=rows[start:start + batch])
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def block_influence(model: torch.nn.Module, rows: torch.Tensor, batch: int = 4) -> list[float]:
     """Each decoder layer's block influence (ShortGPT, Men et al. 2024) on the token rows `rows`.
 
@@ -86,19 +103,9 @@ def block_influence(model: torch.nn.Module, rows: torch.Tensor, batch: int = 4) 
             similarity[index] += cosine.sum()
         return record
 
-    handles = [layer.register_forward_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
-    try:
-        with torch.no_grad():
-            for start in range(0, len(rows), batch):
-                model(input_ids=rows[start:start + batch])
-    finally:
-        for handle in handles:
-            handle.remove()
+    _forward_with_hooks(model, rows, batch, [layer.register_forward_hook(hook(i), with_kwargs=True)
+                                             for i, layer in enumerate(layers)])
     return (1.0 - similarity / rows.numel()).tolist()
-
-
-class _Enough(Exception):
-    """Raised from a hook to end a forward pass once the layers after the one being fitted are not needed."""
 
 
 def _bridge_parts(layer: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Linear]:
@@ -125,15 +132,7 @@ def _layer_streams(model: torch.nn.Module, norm: torch.nn.Module, down: torch.nn
         seen["mlp"].append(output.detach().double())
         raise _Enough
 
-    handles = [norm.register_forward_hook(residual), down.register_forward_hook(mlp_out)]
-    try:
-        with torch.no_grad():
-            for start in range(0, len(rows), batch):
-                with contextlib.suppress(_Enough):
-                    model(input_ids=rows[start:start + batch])
-    finally:
-        for handle in handles:
-            handle.remove()
+    _forward_with_hooks(model, rows, batch, [norm.register_forward_hook(residual), down.register_forward_hook(mlp_out)])
     return torch.cat(seen["residual"]), torch.cat(seen["mlp"])
 
 
@@ -159,14 +158,8 @@ def fit_bridges(teacher: torch.nn.Module, student: torch.nn.Module, kept: Sequen
             targets[index].append((output[0] if isinstance(output, tuple) else output).detach().double())
         return record
 
-    handles = [teacher_layers[t].register_forward_hook(keep_output(t)) for t in targets]
-    try:
-        with torch.no_grad():
-            for start in range(0, len(rows), batch):
-                teacher(input_ids=rows[start:start + batch])
-    finally:
-        for handle in handles:
-            handle.remove()
+    _forward_with_hooks(teacher, rows, batch, [teacher_layers[t].register_forward_hook(keep_output(t))
+                                               for t in targets])
     fitted = []
     for j, t in gaps:
         norm, down = _bridge_parts(student_layers[j])
