@@ -241,7 +241,7 @@ def test_a_layer_that_passes_its_input_through_has_no_influence(teachers: dict[s
 CALIBRATION = (torch.arange(8 * 32).reshape(8, 32) * 37 % 299 + 1).long()  # 256 tokens > 64 wide: a full-rank fit
 
 
-def _mlp_error(model: Any, layer: int, rows: torch.Tensor, target: torch.Tensor) -> float:
+def _residual_error(model: Any, layer: int, rows: torch.Tensor, target: torch.Tensor) -> float:
     """Relative squared error of the residual stream leaving `layer` of `model` against `target`."""
     seen: list[torch.Tensor] = []
     handle = model.model.layers[layer].register_forward_hook(lambda m, a, out: seen.append(
@@ -270,11 +270,12 @@ def test_bridges_fit_the_teachers_state_after_each_removed_block(teachers: dict[
     for b in bridges:
         target = outputs[b["replaces"][-1]]
         # Recomputed from the saved student: the fold into the weights is the map that was fitted...
-        assert _mlp_error(bridged, b["student_layer"], CALIBRATION, target) == pytest.approx(
+        assert _residual_error(bridged, b["student_layer"], CALIBRATION, target) == pytest.approx(
             b["relative_error_after"], rel=1e-3, abs=1e-9)
         assert b["relative_error_after"] < b["relative_error_before"]
     # ...and the first gap's error before bridging is the plain student's (later ones start from bridged input).
-    assert _mlp_error(plain, 0, CALIBRATION, outputs[1]) == pytest.approx(bridges[0]["relative_error_before"], rel=1e-3)
+    assert _residual_error(plain, 0, CALIBRATION, outputs[1]) == pytest.approx(
+        bridges[0]["relative_error_before"], rel=1e-3)
     # Only the MLP output projections before a gap change.
     changed = {k for k, v in bridged.state_dict().items() if not torch.equal(v, plain.state_dict()[k])}
     assert changed == {"model.layers.0.mlp.down_proj.weight", "model.layers.1.mlp.down_proj.weight"}
