@@ -143,7 +143,8 @@ def fit_bridges(teacher: torch.nn.Module, student: torch.nn.Module, kept: Sequen
     removed block (ReplaceMe, Shopkhoev et al. 2025). Training-free; returns one record per bridge.
 
     Fitted in order on the student as bridged so far, so each fit also absorbs the error the earlier ones left.
-    `ridge` scales a Tikhonov term (relative to the mean squared MLP output) that keeps the solve well posed.
+    `ridge` scales a Tikhonov term (relative to the mean diagonal of the MLP outputs' Gram matrix) that keeps
+    the solve well posed.
     """
     teacher_config: Any = teacher.config
     teacher_layers = _decoder_layers(teacher, int(teacher_config.num_hidden_layers))
