@@ -33,8 +33,9 @@ def main() -> None:
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
     from train_overhead import prepare, stillroom_run
 
+    from training.config import TeacherLogitsConfig
     from training.student import student_from_teacher
-    from training.topk_cache import TopkConfig, compute, index
+    from training.teacher_logits import compute, index
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -45,7 +46,7 @@ def main() -> None:
         began = time.perf_counter()
         cache = work / "topk"
         cache.mkdir()
-        topk = TopkConfig(k=args.k, tasks=1)
+        topk = TeacherLogitsConfig(k=args.k, tasks=1)
         compute(topk, teacher, shards, cache, 0)
         index(topk, teacher, shards, cache)
         cache_s = time.perf_counter() - began

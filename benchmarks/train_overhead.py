@@ -48,7 +48,7 @@ batches = []
 for step in range(cfg.steps):
     batches.append([torch.from_numpy(stream.next_batch(m, rank, world, B, A)[0]) for m in range(A)])
     stream.advance(B * A * world)
-engine = build_engine(cfg, load_model(cfg.model.path, "fp32", 0.0, False), False)
+engine = build_engine(cfg, load_model(cfg.model.path, "fp32", dropout=0.0), False)
 start = time.perf_counter()
 for step_batches in batches:
     for x in step_batches:

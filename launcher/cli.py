@@ -6,26 +6,26 @@ import argparse
 import json
 import sys
 import time
-from importlib.metadata import version
 from pathlib import Path
 
 from rich.console import Console
-from rich.live import Live
-from rich.syntax import Syntax
-from rich.table import Table
 
 from launcher.config import ConfigError, config_hash, dump_toml, field_docs, to_plain
-from launcher.pipeline import PreflightError, StageFailed, job_spec, launch, preflight
 from launcher.run_config import RunConfig, load_run_config
 from launcher.rundir import RunDir, RunDirError, flatten, free_run_name
-from launcher.stages import STAGES
 from launcher.status import cancel, log_files, refresh, status_table
-from sharding.corpus import CorpusError, build_all, read_corpus
-from sharding.shards import Manifest, ManifestError
-from sharding.summary import decode_sequences, summary_table
-from sharding.tokenize import TokenizerError, train_bpe_tokenizer
 from slurm.executor import SubmissionError, make_executor
-from training.smollm2 import ModelSourceError
+
+# Only what every command needs is imported above. The pipeline (submitit), the shard readers (numpy, pyarrow,
+# tokenizers) and the models (torch, transformers, deepspeed) load inside the commands that use them: imported
+# here, they would cost every `stillroom --help` or `status` seconds.
+
+# Errors of modules that load with their command, as (module, class). One can only have been raised once its
+# module is loaded, so `main` looks them up among the loaded modules instead of importing them.
+_LAZY_INPUT_ERRORS = (("launcher.pipeline", "PreflightError"), ("sharding.shards", "ManifestError"),
+                      ("sharding.tokenize", "TokenizerError"), ("sharding.corpus", "CorpusError"),
+                      ("training.smollm2", "ModelSourceError"))
+_LAZY_STAGE_FAILED = (("launcher.pipeline", "StageFailed"),)  # a stage's job failed: exit 1
 
 EXAMPLES = {
     "run": """examples:
@@ -61,6 +61,16 @@ EXAMPLES = {
 }
 
 
+class _Version(argparse.Action):
+    """--version, reading the installed version only when asked (importlib.metadata is slow to import)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: object) -> None:
+        from importlib.metadata import version
+
+        print(f"stillroom {version('stillroom')}")
+        parser.exit()
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="stillroom",
@@ -69,7 +79,7 @@ def _parser() -> argparse.ArgumentParser:
                     "overridden as section.key=value after the config path.",
         epilog="Each command has --help with examples. Docs: docs/ in the repository.",
     )
-    parser.add_argument("--version", action="version", version=f"stillroom {version('stillroom')}")
+    parser.add_argument("--version", action=_Version, nargs=0, help="show program's version number and exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, help_text: str) -> argparse.ArgumentParser:
@@ -135,10 +145,18 @@ def _parser() -> argparse.ArgumentParser:
 
 def _show_config(console: Console, cfg: RunConfig) -> None:
     console.print(f"[bold]resolved config[/] (sha256 {config_hash(cfg)[:16]})")
+    if console.color_system is None:  # a pipe or a log file: whole lines, and no time spent on colours nobody sees
+        console.out(dump_toml(cfg), highlight=False)
+        return
+    from rich.syntax import Syntax  # pygments: imported only to colour a terminal's output
+
     console.print(Syntax(dump_toml(cfg), "toml", theme="ansi_dark", background_color="default"))
 
 
 def _launch(args: argparse.Namespace, console: Console) -> int:
+    from launcher.pipeline import job_spec, launch, preflight
+    from launcher.stages import STAGES
+
     only = ['run.stages=["shard"]'] if args.command == "shard" else []
     cfg = load_run_config(args.config, [*args.overrides, *only])
     if getattr(args, "new_run", False) and _holds_other_config(cfg):
@@ -171,6 +189,9 @@ def _holds_other_config(cfg: RunConfig) -> bool:
 
 
 def _inspect(args: argparse.Namespace, console: Console) -> int:
+    from sharding.shards import Manifest
+    from sharding.summary import decode_sequences, summary_table
+
     manifest = Manifest.load(args.folder)
     if (args.folder / "stats.json").exists():
         console.print(summary_table(args.folder))
@@ -188,6 +209,9 @@ def _inspect(args: argparse.Namespace, console: Console) -> int:
 
 
 def _corpus(args: argparse.Namespace, console: Console) -> int:
+    from sharding.corpus import build_all, read_corpus
+    from sharding.tokenize import train_bpe_tokenizer
+
     built = build_all(args.out, args.names or None, args.limit)
     for name, path in built.items():
         console.print(f"{name}: {path}")
@@ -225,6 +249,8 @@ def _status(args: argparse.Namespace, console: Console) -> int:
     elif not args.watch:
         console.print(status_table(run, state))
     else:
+        from rich.live import Live
+
         # Each refresh asks sacct once per unfinished stage: keep the interval in seconds, not sub-second.
         with Live(status_table(run, state), console=console, auto_refresh=False) as live:
             while any(e.get("status") in ("pending", "submitted", "running") for e in state["stages"].values()):
@@ -255,6 +281,8 @@ def _config(args: argparse.Namespace, console: Console) -> int:
     if not args.docs:
         print(dump_toml(cfg, field_docs(RunConfig)), end="")
         return 0
+    from rich.table import Table
+
     table = Table("key", "value", "meaning")
     values = flatten(to_plain(cfg))
     for key, doc in field_docs(RunConfig).items():
@@ -269,6 +297,16 @@ def _cancel(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _loaded(errors: tuple[tuple[str, str], ...]) -> tuple[type[BaseException], ...]:
+    """Those of `errors` whose module is loaded."""
+    return tuple(getattr(sys.modules[module], name) for module, name in errors if module in sys.modules)
+
+
+def _input_errors() -> tuple[type[BaseException], ...]:
+    """The errors that say an input is unusable: printed as one line, exit 2."""
+    return ConfigError, RunDirError, SubmissionError, KeyError, *_loaded(_LAZY_INPUT_ERRORS)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     console = Console(stderr=getattr(args, "dry_run", False), highlight=False)
@@ -277,12 +315,11 @@ def main(argv: list[str] | None = None) -> int:
                 "smollm2": _smollm2, "status": _status, "cancel": _cancel, "logs": _logs, "config": _config}
     try:
         return handlers[args.command](args, console)
-    except (ConfigError, RunDirError, SubmissionError, PreflightError, ManifestError, TokenizerError, CorpusError,
-            ModelSourceError, KeyError) as e:
+    except _input_errors() as e:
         message = e.args[0] if isinstance(e, KeyError) else str(e)
         print(f"stillroom: error: {message}", file=sys.stderr)
         return 2
-    except StageFailed as e:
+    except _loaded(_LAZY_STAGE_FAILED) as e:
         print(f"stillroom: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

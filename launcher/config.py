@@ -11,11 +11,11 @@ from __future__ import annotations
 import ast
 import dataclasses
 import difflib
+import functools
 import hashlib
 import inspect
 import io
 import json
-import textwrap
 import tokenize
 import tomllib
 import types
@@ -31,25 +31,32 @@ class ConfigError(ValueError):
     """A configuration problem, always one line, naming the key and its source."""
 
 
-def _comment_docs(cls: type) -> dict[str, str]:
-    """Field name -> its comment in the class source (trailing, or the lines just above)."""
-    source = textwrap.dedent(inspect.getsource(cls))
+@functools.cache
+def _module_docs(filename: str) -> dict[str, dict[str, str]]:
+    source = Path(filename).read_text()
     comments = {
         tok.start[0]: tok.string.lstrip("#").strip()
         for tok in tokenize.generate_tokens(io.StringIO(source).readline)
         if tok.type == tokenize.COMMENT
     }
-    (class_def,) = ast.parse(source).body
-    docs: dict[str, str] = {}
-    for node in class_def.body:  # type: ignore[attr-defined]
-        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-            above: list[str] = []
-            line = node.lineno - 1
-            while line in comments:
-                above.insert(0, comments[line])
-                line -= 1
-            docs[node.target.id] = comments.get(node.end_lineno or node.lineno) or " ".join(above)
-    return docs
+    out: dict[str, dict[str, str]] = {}
+    for class_def in ast.parse(source).body:
+        if not isinstance(class_def, ast.ClassDef):
+            continue
+        docs = out[class_def.name] = {}
+        for node in class_def.body:
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+                above: list[str] = []
+                line = node.lineno - 1
+                while line in comments:
+                    above.insert(0, comments[line])
+                    line -= 1
+                docs[node.target.id] = comments.get(node.end_lineno or node.lineno) or " ".join(above)
+    return out
+
+
+def _comment_docs(cls: type) -> dict[str, str]:
+    return _module_docs(inspect.getfile(cls))[cls.__name__]
 
 
 def field_docs(cls: type, prefix: str = "") -> dict[str, str]:
@@ -197,7 +204,7 @@ def parse_override(cls: type, text: str) -> tuple[list[str], Any]:
     key, sep, raw = text.partition("=")
     key = key.strip()
     if not sep or not key or any(not p for p in key.split(".")):
-        raise ConfigError(f"{source}: expected KEY=VALUE with a dotted key, e.g. slurm.nodes=2")
+        raise ConfigError(f"{source}: expected KEY=VALUE with a dotted key, e.g. resources.nodes=2")
     tp = _field_type(cls, key, source)
     if _is_text(tp) and not raw.startswith(('"', "'")):
         value: Any = raw

@@ -10,9 +10,8 @@ from launcher.config import ConfigError, apply_overrides, build, read_toml
 from sharding.config import ShardConfig
 from slurm.probe import ProbeConfig
 from slurm.resources import Resources
-from training.config import DistillConfig, TrainConfig
+from training.config import DistillConfig, TeacherLogitsConfig, TrainConfig
 from training.report_stage import ReportConfig
-from training.topk_cache import TopkConfig
 
 # Sections whose `resources` table inherits the top-level [resources] defaults.
 STAGE_SECTIONS = ("probe", "shard", "cpt", "teacher_logits", "distill", "report")
@@ -42,7 +41,8 @@ class RunConfig:
     probe: ProbeConfig = field(default_factory=ProbeConfig)  # the environment-report stage
     shard: ShardConfig = field(default_factory=ShardConfig)  # raw corpora -> cleaned, packed, verified shards
     cpt: TrainConfig = field(default_factory=TrainConfig)  # continued pretraining with DeepSpeed
-    teacher_logits: TopkConfig = field(default_factory=TopkConfig)  # cache the teacher's top-k logits once
+    teacher_logits: TeacherLogitsConfig = field(
+        default_factory=TeacherLogitsConfig)  # cache the teacher's top-k logits once
     distill: DistillConfig = field(default_factory=DistillConfig)  # a smaller student learns from the teacher
     report: ReportConfig = field(default_factory=ReportConfig)  # base vs teacher vs student, table and plots
 

@@ -1,11 +1,4 @@
-"""The run directory contract (docs/run-directory.md): resolved config, state file, logs, stages.
-
-    runs/<name>/
-      config.toml      resolved config, the sha256 of its canonical form in the first line
-      state.json       per stage: status, executor, job ids, tasks done, attempts, timestamps
-      logs/<stage>/    submitit's folder: one stdout/stderr log per job and task
-      <stage>/         what the stage writes, and nothing else writes there
-"""
+"""The run directory (its paths: launcher/layout.py): the resolved config and the state file, under a lock."""
 
 from __future__ import annotations
 
@@ -17,9 +10,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from common.publish import publish_bytes, publish_json
 from launcher.config import config_hash, dump_toml, field_docs, to_plain
+from launcher.layout import RunLayout
 from launcher.run_config import RunConfig, load_run_config
-from slurm.files import write_atomic, write_json_atomic
 
 STATE_VERSION = 1
 STATUSES = ("pending", "submitted", "running", "completed", "failed", "cancelled")
@@ -69,22 +63,23 @@ def free_run_name(cfg: RunConfig) -> str:
 class RunDir:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
+        self.layout = RunLayout(self.path)
         self.changes: list[str] = []  # resumable config changes accepted when this run was reopened
 
-    config_path = property(lambda self: self.path / "config.toml")
-    state_path = property(lambda self: self.path / "state.json")
+    config_path = property(lambda self: self.layout.config)
+    state_path = property(lambda self: self.layout.state)
 
     def stage_dir(self, stage: str) -> Path:
-        return self.path / stage
+        return self.layout.stage(stage)
 
     def log_dir(self, stage: str) -> Path:
-        return self.path / "logs" / stage
+        return self.layout.logs(stage)
 
     @classmethod
     def find(cls, name_or_path: str, root: str = "runs") -> RunDir:
         """A run given by path, or by name under `root`."""
         for candidate in (Path(name_or_path), Path(root) / name_or_path):
-            if (candidate / "state.json").is_file():
+            if RunLayout(candidate).state.is_file():
                 return cls(candidate.resolve())
         raise RunDirError(f"no run directory at '{name_or_path}' (looked for state.json there and in {root}/)")
 
@@ -108,21 +103,21 @@ class RunDir:
             run._write_config(cfg, digest)
             run.changes = changes
             return run
-        for folder in (run.path, run.path / "logs"):
+        for folder in (run.path, run.layout.logs("").parent):
             folder.mkdir(parents=True, exist_ok=True)
         run._write_config(cfg, digest)
-        write_json_atomic(run.state_path, {"version": STATE_VERSION, "run": cfg.run.name, "config_sha256": digest,
-                                           "created_at": now_iso(), "stages": {}})
+        publish_json(run.state_path, {"version": STATE_VERSION, "run": cfg.run.name, "config_sha256": digest,
+                                      "created_at": now_iso(), "stages": {}})
         return run
 
     def _write_config(self, cfg: RunConfig, digest: str) -> None:
         header = f"# stillroom resolved config, sha256 {digest}\n"
-        write_atomic(self.config_path, (header + dump_toml(cfg, field_docs(RunConfig))).encode())
+        publish_bytes(self.config_path, (header + dump_toml(cfg, field_docs(RunConfig))).encode())
         if self.state_path.exists():
             with self._locked():
                 state = self.read_state()
                 state["config_sha256"] = digest
-                write_json_atomic(self.state_path, state)
+                publish_json(self.state_path, state)
 
     def load_config(self) -> RunConfig:
         return load_run_config(self.config_path)
@@ -137,7 +132,7 @@ class RunDir:
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
         # Tasks on several nodes update one file; flock works on local disks and on NFS (as fcntl locks).
-        with (self.path / ".state.lock").open("a") as lock:
+        with self.layout.state_lock.open("a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
                 yield
@@ -166,5 +161,5 @@ class RunDir:
             if (attempt := fields.pop("attempt", None)) is not None:
                 entry["attempts"] = max(entry.get("attempts", 0), attempt)
             entry.update(fields)
-            write_json_atomic(self.state_path, state)
+            publish_json(self.state_path, state)
             return dict(entry)

@@ -45,7 +45,7 @@ def refresh(run: RunDir) -> dict[str, Any]:
 def _progress(run: RunDir, stage: str) -> dict[str, Any] | None:
     """A training stage's `progress.json` (the latest step, loss, evaluation), if it wrote one."""
     try:
-        return json.loads((run.stage_dir(stage) / "progress.json").read_text())  # type: ignore[no-any-return]
+        return json.loads(run.layout.progress(stage).read_text())  # type: ignore[no-any-return]
     except (OSError, ValueError):
         return None
 

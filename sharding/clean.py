@@ -16,16 +16,14 @@ import ipaddress
 import re
 import unicodedata
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
 
+from sharding.config import STEP_NAMES, CleanConfig, DecontamConfig, NormalizeConfig, PiiConfig
 from sharding.documents import Doc, Tally
-from sharding.quality import QualityConfig, QualityFilter, ngram_hashes, word_hashes
+from sharding.quality import QualityFilter, ngram_hashes, word_hashes
 from sharding.readers import InputError, ReaderConfig, expand_inputs, read_file
-
-STEP_NAMES = ("normalize", "quality", "pii", "decontaminate")
 
 
 class Step(Protocol):
@@ -35,19 +33,6 @@ class Step(Protocol):
 
 
 # --- normalize -------------------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class NormalizeConfig:
-    nfc: bool = True  # compose to Unicode NFC, so equal-looking texts have equal code points (dedup, tokens)
-    strip_control: bool = True  # drop control characters but newline and tab; CR, CRLF, VT, FF, U+2028 become newlines
-    unicode_spaces: bool = True  # no-break, thin, ideographic and other Unicode spaces become plain spaces
-    collapse_spaces: bool = True  # runs of spaces/tabs inside a line become one space; leading indentation is kept
-    max_blank_lines: int = 1  # longer runs of blank lines are shortened to this many (trailing spaces always go)
-
-    def __post_init__(self) -> None:
-        if self.max_blank_lines < 0:
-            raise ValueError(f"max_blank_lines must not be negative, got {self.max_blank_lines}")
-
 
 # These start with a character class or a literal, never a lookbehind: re then jumps from candidate to candidate
 # instead of trying the whole pattern at every position (2-5x faster on prose). PII patterns get a cheap hint instead.
@@ -98,16 +83,6 @@ class Normalizer:
 
 
 # --- pii -------------------------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class PiiConfig:
-    email: bool = True  # replace e-mail addresses with email_placeholder
-    ip: bool = True  # replace IPv4 and IPv6 addresses with ip_placeholder
-    phone: bool = True  # replace phone numbers (international +..., US, European 0...) with phone_placeholder
-    email_placeholder: str = "<EMAIL>"  # what an e-mail address becomes
-    ip_placeholder: str = "<IP>"  # what an IP address becomes
-    phone_placeholder: str = "<PHONE>"  # what a phone number becomes
-
 
 _EMAIL = re.compile(r"(?<![\w.%+-])[\w.%+-]+@(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,24}\b")
 _OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
@@ -192,20 +167,6 @@ class PiiScrubber:
 
 # --- decontaminate ---------------------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class DecontamConfig:
-    eval_files: tuple[str, ...] = ()  # benchmark files/folders/globs (text, .jsonl, .jsonl.zst, .parquet); () = off
-    ngram: int = 13  # words per window: a document sharing any such window with an eval text is dropped (GPT-3)
-    min_words: int = 8  # eval texts shorter than ngram are matched whole if they have at least this many words
-    text_field: str = ""  # field of the eval texts in JSONL/Parquet ("": the reader's text_field)
-
-    def __post_init__(self) -> None:
-        if self.ngram < 1:
-            raise ValueError(f"ngram must be at least 1, got {self.ngram}")
-        if not 1 <= self.min_words <= self.ngram:
-            raise ValueError(f"min_words must be in [1, ngram], got {self.min_words}")
-
-
 _DECONTAM_WORD = re.compile(r"\w+")
 
 
@@ -254,22 +215,6 @@ class Decontaminator:
 
 
 # --- the step list ---------------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class CleanConfig:
-    steps: tuple[str, ...] = STEP_NAMES  # steps in the order they run: normalize, quality, pii, decontaminate
-    normalize: NormalizeConfig = field(default_factory=NormalizeConfig)  # Unicode and whitespace normalisation
-    quality: QualityConfig = field(default_factory=QualityConfig)  # Gopher quality and repetition thresholds
-    pii: PiiConfig = field(default_factory=PiiConfig)  # which personal data to replace, and with what
-    decontaminate: DecontamConfig = field(default_factory=DecontamConfig)  # benchmark n-gram overlap removal
-
-    def __post_init__(self) -> None:
-        for name in self.steps:
-            if name not in STEP_NAMES:
-                raise ValueError(f"steps must be names from {', '.join(STEP_NAMES)}; got '{name}'")
-        if len(set(self.steps)) != len(self.steps):
-            raise ValueError(f"steps must not repeat a step, got {list(self.steps)}")
-
 
 def build_steps(cfg: CleanConfig, text_field: str = "text") -> list[Step]:
     """The configured steps, in order. `text_field` is the reader's, for JSONL eval files."""

@@ -16,7 +16,6 @@ import hashlib
 import importlib.metadata
 import io
 import json
-import os
 import re
 import sys
 import time
@@ -28,7 +27,7 @@ from typing import Any, Literal
 
 import zstandard
 
-from slurm.files import fsync_dir, write_atomic
+from common.publish import publish_bytes, publishing
 
 ZSTD_LEVEL = 10
 
@@ -306,41 +305,33 @@ def build_corpus(name: str, out_dir: Path, limit: int | None = None) -> Path:
     counts = {"docs": 0, "empty": 0, "duplicates": 0, "text_bytes": 0}
     seen_texts: set[bytes] = set()
     seen_ids: set[str] = set()
-    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
-    try:
-        with tmp.open("wb") as f:
-            with zstandard.ZstdCompressor(level=ZSTD_LEVEL).stream_writer(f, closefd=False) as z:
-                for doc_id, raw_text, group in corpus.docs():
-                    if limit is not None and counts["docs"] >= limit:
-                        break
-                    text = raw_text.replace("\r\n", "\n").strip()
-                    encoded = text.encode()
-                    digest = hashlib.blake2b(encoded, digest_size=16).digest()
-                    if not text or digest in seen_texts:
-                        counts["duplicates" if text else "empty"] += 1
-                        continue
-                    if doc_id in seen_ids:  # a reader bug: ids must name one document
-                        raise CorpusError(f"corpus {name!r}: id {doc_id!r} occurs twice in {corpus.package.source}")
-                    seen_texts.add(digest)
-                    seen_ids.add(doc_id)
-                    record = {"id": doc_id, "text": text, "source": corpus.package.source, "group": group}
-                    line = json.dumps(record, ensure_ascii=False).translate(_LINE_BREAKS_ESCAPED) + "\n"
-                    z.write(line.encode())
-                    counts["docs"] += 1
-                    counts["text_bytes"] += len(encoded)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
-    fsync_dir(out_dir)
+    # The file is fsynced and renamed into place when the block ends, its temp removed on an error.
+    with publishing(target) as f, zstandard.ZstdCompressor(level=ZSTD_LEVEL).stream_writer(f, closefd=False) as z:
+        for doc_id, raw_text, group in corpus.docs():
+            if limit is not None and counts["docs"] >= limit:
+                break
+            text = raw_text.replace("\r\n", "\n").strip()
+            encoded = text.encode()
+            digest = hashlib.blake2b(encoded, digest_size=16).digest()
+            if not text or digest in seen_texts:
+                counts["duplicates" if text else "empty"] += 1
+                continue
+            if doc_id in seen_ids:  # a reader bug: ids must name one document
+                raise CorpusError(f"corpus {name!r}: id {doc_id!r} occurs twice in {corpus.package.source}")
+            seen_texts.add(digest)
+            seen_ids.add(doc_id)
+            record = {"id": doc_id, "text": text, "source": corpus.package.source, "group": group}
+            line = json.dumps(record, ensure_ascii=False).translate(_LINE_BREAKS_ESCAPED) + "\n"
+            z.write(line.encode())
+            counts["docs"] += 1
+            counts["text_bytes"] += len(encoded)
     with target.open("rb") as f:
         sha256 = hashlib.file_digest(f, "sha256").hexdigest()
     seconds = time.monotonic() - start
     marker: dict[str, Any] = {"corpus": name, "domain": corpus.domain, "source": corpus.package.source,
                               "limit": limit, **counts, "seconds": round(seconds, 2),
                               "bytes": target.stat().st_size, "sha256": sha256}
-    write_atomic(_done_path(target), (json.dumps(marker, indent=1) + "\n").encode())
+    publish_bytes(_done_path(target), (json.dumps(marker, indent=1) + "\n").encode())
     print(f"[corpus] {name}: {counts['docs']} docs, {counts['text_bytes'] / 1e6:.1f} MB text -> "
           f"{marker['bytes'] / 1e6:.1f} MB zst ({counts['duplicates']} duplicate, {counts['empty']} empty dropped) "
           f"in {seconds:.1f} s", file=sys.stderr, flush=True)

@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from common.publish import publish_bytes
 from sharding.config import DedupConfig
-from sharding.minhash import MinHashConfig, MinHasher, duplicate_of
-from slurm.files import write_atomic
+from sharding.minhash import MinHashConfig, MinHasher, duplicate_of, exact_duplicate_of
 
 INDEX = "dedup-index.arrow"
 
@@ -100,7 +100,7 @@ class DedupIndex:
         sink = pa.BufferOutputStream()
         with pa.ipc.new_file(sink, table.schema, options=pa.ipc.IpcWriteOptions(compression="zstd")) as writer:
             writer.write_table(table)
-        write_atomic(path, sink.getvalue().to_pybytes())
+        publish_bytes(path, sink.getvalue().to_pybytes())
 
 
 @dataclass
@@ -120,10 +120,8 @@ def find_duplicates(cfg: DedupConfig, previous: DedupIndex, current: DedupIndex)
     position = np.arange(n_prev + n)
     rep = position.copy()
     if cfg.exact and n:
-        # np.unique's first index per hash is the earliest row, since rows are in global order.
-        _, first, inverse = np.unique(np.concatenate([previous.exact, current.exact]),
-                                      return_index=True, return_inverse=True)
-        rep = first[inverse.reshape(-1)]
+        # Rows are in global order, so their position is the key: the earliest row of each hash survives.
+        rep = exact_duplicate_of(position, np.concatenate([previous.exact, current.exact]))
     exact_dup = rep != position
     near_rep = position.copy()
     if cfg.near and n:

@@ -16,9 +16,10 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
+
+from sharding.config import MinHashConfig
 
 MERSENNE = (1 << 31) - 1  # the universal hashing's prime: a*h + b < 2^62 stays exact in uint64
 EMPTY = np.iinfo(np.uint32).max  # signature value of a document without words: no real value reaches it
@@ -26,30 +27,6 @@ _STEP_BYTES = 1 << 18  # text bytes whose words are hashed at once, sized so the
 _CHUNK_ELEMENTS = 1 << 18  # num_perm x shingles per step: ~2 MiB per uint64 buffer, about an L2 cache
 _WINDOW = 8  # LSH bucket members are verified against this many predecessors (plus the bucket's first)
 _VERIFY_PAIRS = 1 << 16  # candidate pairs compared at once, bounding the (pairs, num_perm) temporary
-
-
-@dataclass(frozen=True)
-class MinHashConfig:
-    ngram: int = 5  # words per shingle; a document with fewer words is one shingle of all its words
-    num_perm: int = 112  # signature length: hash permutations per document
-    bands: int = 16  # LSH bands; rows per band = num_perm // bands, more bands find lower similarities
-    threshold: float = 0.75  # estimated Jaccard (share of equal signature rows) making an LSH candidate a duplicate
-    seed: int = 1  # seeds the permutations; signatures made with different seeds are not comparable
-
-    def __post_init__(self) -> None:
-        for name in ("ngram", "num_perm", "bands"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.num_perm % self.bands:
-            raise ValueError(f"num_perm must be divisible by bands ({self.bands}), got {self.num_perm}")
-        if not 0.0 < self.threshold <= 1.0:
-            raise ValueError(f"threshold must be in (0, 1], got {self.threshold}")
-        if self.seed < 0:
-            raise ValueError(f"seed must be non-negative, got {self.seed}")
-
-    @property
-    def rows(self) -> int:
-        return self.num_perm // self.bands
 
 
 def _stable_u64(label: str, count: int) -> np.ndarray:
@@ -317,9 +294,15 @@ def duplicate_of(keys: np.ndarray, sigs: np.ndarray, bands: np.ndarray, threshol
 
 
 def exact_duplicate_of(keys: np.ndarray, hashes: np.ndarray | Sequence[bytes]) -> np.ndarray:
-    """(n,) int64 like `duplicate_of`, for equal `exact_hash` values: the smallest key survives."""
+    """(n,) int64 like `duplicate_of`, for equal `exact_hash` values: the smallest key survives.
+
+    `hashes` are bytes, or an (n,) "V16" array as `DedupIndex` holds them (which "S16" cannot be cast from).
+    """
     order = _key_order(keys)
-    _, first, inverse = np.unique(np.asarray(hashes, dtype="S16")[order], return_index=True, return_inverse=True)
+    values = np.asarray(hashes)
+    if values.dtype.kind != "V":
+        values = np.asarray(hashes, dtype="S16")
+    _, first, inverse = np.unique(values[order], return_index=True, return_inverse=True)
     rep = np.empty(len(order), np.int64)
     rep[order] = order[first[inverse.reshape(-1)]]
     return rep

@@ -14,11 +14,11 @@ from __future__ import annotations
 import re
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
 from itertools import repeat
 
 import numpy as np
 
+from sharding.config import QualityConfig
 from sharding.documents import Doc, Tally
 
 _MULT = np.uint64(0x9E3779B97F4A7C15)  # odd 64-bit multiplier of the polynomial n-gram hash
@@ -26,44 +26,6 @@ _HAS_LETTER = re.compile(r"[^\W\d_]\S*")  # from a word's first letter to its en
 _PARAGRAPH_BREAK = re.compile(r"\n[^\S\n]*\n\s*")
 _WORD = re.compile(r"\w+")
 _EDGE_PUNCTUATION = ".,;:!?\"'()[]{}<>*_`~“”‘’«»-–—/"
-
-
-@dataclass(frozen=True)
-class QualityConfig:
-    min_words: int = 50  # fewer whitespace-separated words: quality.too_few_words
-    max_words: int = 100_000  # more words: quality.too_many_words
-    min_mean_word_length: float = 3.0  # shorter mean word length (characters): quality.mean_word_length
-    max_mean_word_length: float = 10.0  # longer mean word length: quality.mean_word_length
-    max_symbol_word_ratio: float = 0.1  # more '#', or more '...' and '…', per word: quality.symbol_ratio
-    min_alpha_words: float = 0.8  # smaller share of words holding a letter: quality.alpha_words
-    min_stop_words: int = 2  # fewer stop words (English prose has many; 0 turns this off): quality.stop_words
-    stop_words: tuple[str, ...] = ("the", "be", "to", "of", "and", "that", "have", "with")  # Gopher's stop words
-    bullets: tuple[str, ...] = ("•", "-", "*", "·", "‣", "◦", "▪", "●", "–")  # line starts that mark a list item
-    max_bullet_lines: float = 0.9  # larger share of lines starting with a bullet: quality.bullet_lines
-    max_ellipsis_lines: float = 0.3  # larger share of lines ending in '...' or '…': quality.ellipsis_lines
-    max_dup_lines: float = 0.3  # larger share of lines that repeat an earlier line: quality.dup_lines
-    max_dup_line_chars: float = 0.2  # larger share of characters in repeated lines: quality.dup_line_chars
-    max_dup_paragraphs: float = 0.3  # larger share of paragraphs that repeat an earlier one: quality.dup_paragraphs
-    max_dup_paragraph_chars: float = 0.2  # larger character share of repeated paragraphs: quality.dup_paragraph_chars
-    max_top_2gram: float = 0.20  # larger share of characters in the most frequent word 2-gram: quality.top_2gram
-    max_top_3gram: float = 0.18  # same for the most frequent 3-gram: quality.top_3gram
-    max_top_4gram: float = 0.16  # same for the most frequent 4-gram: quality.top_4gram
-    max_dup_5gram: float = 0.15  # larger share of characters in repeated word 5-grams: quality.dup_5gram
-    max_dup_6gram: float = 0.14  # same for repeated 6-grams: quality.dup_6gram
-    max_dup_7gram: float = 0.13  # same for repeated 7-grams: quality.dup_7gram
-    max_dup_8gram: float = 0.12  # same for repeated 8-grams: quality.dup_8gram
-    max_dup_9gram: float = 0.11  # same for repeated 9-grams: quality.dup_9gram
-    max_dup_10gram: float = 0.10  # same for repeated 10-grams: quality.dup_10gram
-
-    def __post_init__(self) -> None:
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, int | float) and value < 0:
-                raise ValueError(f"{f.name} must not be negative, got {value}")
-            if f.name.startswith(("max_dup", "max_top", "max_bullet", "max_ellipsis", "min_alpha")) and value > 1:
-                raise ValueError(f"{f.name} must be a fraction in [0, 1], got {value}")
-        if self.min_words > self.max_words:
-            raise ValueError(f"min_words must not exceed max_words ({self.min_words} > {self.max_words})")
 
 
 def word_hashes(words: Sequence[str]) -> np.ndarray:

@@ -20,7 +20,6 @@ import json
 import os
 import sys
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -28,6 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import zstandard
 
+from sharding.config import ReaderConfig
 from sharding.documents import Doc, Tally
 
 READ_REASONS = ("read.malformed_json", "read.not_an_object", "read.invalid_utf8", "read.nul_bytes", "read.too_long",
@@ -38,20 +38,6 @@ UNSUPPORTED_SUFFIXES = (".gz", ".bz2", ".xz", ".zip", ".zst", ".lz4", ".7z", ".t
 _SKIP_CHUNK = 1 << 16  # bytes read at a time while skipping the rest of an over-long line
 _ZSTD_STEP = 1 << 12  # compressed bytes per decompression call: bounds its output to ~128 MB even for a zstd bomb
 _PARQUET_BATCH = 256  # rows per Parquet batch
-
-
-@dataclass(frozen=True)
-class ReaderConfig:
-    text_field: str = "text"  # JSONL key / Parquet column holding the document text
-    id_field: str = ""  # key / column naming each document in logs ("": none, "<file name>:<record>" instead)
-    group_field: str = ""  # key / column the train/validation split hashes ("": none, the text itself)
-    max_doc_bytes: int = 2_000_000  # bigger records (JSONL line, Parquet text, text file) are dropped as read.too_long
-
-    def __post_init__(self) -> None:
-        if not self.text_field:
-            raise ValueError("text_field must not be empty")
-        if self.max_doc_bytes < 1:
-            raise ValueError(f"max_doc_bytes must be at least 1, got {self.max_doc_bytes}")
 
 
 class InputError(ValueError):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,7 +19,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from slurm.files import write_json_atomic
+from common.publish import commit_file, publish_json, temp_path
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -76,7 +75,7 @@ class Manifest:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()
 
     def save(self, folder: Path) -> None:
-        write_json_atomic(folder / MANIFEST, asdict(self))
+        publish_json(folder / MANIFEST, asdict(self))
 
     @classmethod
     def load(cls, folder: Path) -> Manifest:
@@ -108,7 +107,7 @@ class ShardWriter:
 
     def __init__(self, path: Path, seq_len: int, dtype: np.dtype[Any], split: str) -> None:
         self.path, self.seq_len, self.dtype, self.split = path, seq_len, dtype, split
-        self.tmp = path.with_name(f".{path.name}.tmp")
+        self.tmp = temp_path(path)
         self.batch_rows = max(1, -(-BATCH_BYTES // (seq_len * dtype.itemsize)))
         # Readers map a row to its batch by arithmetic: every batch but the last has batch_rows rows.
         self.schema = pa.schema([("input_ids", pa.list_(pa.from_numpy_dtype(dtype), seq_len))],
@@ -137,9 +136,7 @@ class ShardWriter:
             self._write_batch(rest)
         self._writer.close()
         self._sink.close()
-        with self.tmp.open("rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(self.tmp, self.path)
+        commit_file(self.tmp, self.path)
         return ShardInfo(path=self.path.name, split=self.split, rows=self.rows, tokens=self.rows * self.seq_len,
                          bytes=self.path.stat().st_size, sha256=sha256_file(self.path))
 

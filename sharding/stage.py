@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from common.publish import commit_file, publish_bytes, publish_json, temp_path
 from sharding.clean import build_steps
 from sharding.config import ShardConfig
 from sharding.dedup import DedupIndex, find_duplicates
@@ -30,7 +31,6 @@ from sharding.minhash import MinHasher, exact_hash
 from sharding.packing import pack_and_write
 from sharding.readers import expand_inputs, location, preflight, read_file
 from sharding.tokenize import load_tokenizer
-from slurm.files import write_atomic, write_json_atomic
 
 COMPLETE = "COMPLETE"
 WORK = "work"
@@ -95,7 +95,8 @@ def map_files(cfg: ShardConfig, out: Path, rank: int, world: int) -> dict[str, A
         for index in range(rank, len(files), world):
             if work_paths(out, index)[2].exists():
                 continue  # finished by an earlier attempt
-            _map_file(cfg, files[index], index, out, tokenizer, steps, hasher, pool, progress)
+            _map_file(files[index], index, cfg=cfg, out=out, tokenizer=tokenizer, steps=steps, hasher=hasher,
+                      pool=pool, progress=progress)
             done += 1
     progress.report(f"{done} files")
     return {"files": done}
@@ -122,9 +123,11 @@ def _encode(cfg: ShardConfig, docs: list[Doc], tokenizer: Any, hasher: MinHasher
     return dedup, tokens
 
 
-def _map_file(cfg: ShardConfig, path: Path, index: int, out: Path, tokenizer: Any, steps: list[Any],
+def _map_file(path: Path, index: int, *, cfg: ShardConfig, out: Path, tokenizer: Any, steps: list[Any],
               hasher: MinHasher, pool: ThreadPoolExecutor, progress: _Progress) -> None:
+    """Input file `index` (at `path`) to its work files, then its tally: the file's completion marker."""
     dedup_path, tokens_path, tally_path = work_paths(out, index)
+    temps = {target: temp_path(target) for target in (dedup_path, tokens_path)}  # pyarrow writes them by name
     tally = Tally()
     writers: dict[Path, Any] = {}
     pending: Future[tuple[pa.RecordBatch, ...]] | None = None
@@ -132,7 +135,7 @@ def _map_file(cfg: ShardConfig, path: Path, index: int, out: Path, tokenizer: An
     def write(batches: tuple[pa.RecordBatch, ...]) -> None:
         for target, batch in zip((dedup_path, tokens_path), batches, strict=True):
             if target not in writers:
-                sink = pa.OSFile(str(target.with_name(f".{target.name}.tmp")), "wb")
+                sink = pa.OSFile(str(temps[target]), "wb")
                 writers[target] = (sink, pa.ipc.new_file(sink, batch.schema,
                                                          options=pa.ipc.IpcWriteOptions(compression="zstd")))
             writers[target][1].write_batch(batch)
@@ -157,17 +160,14 @@ def _map_file(cfg: ShardConfig, path: Path, index: int, out: Path, tokenizer: An
         write(_encode(cfg, batch, tokenizer, hasher))
         progress.add(len(batch), sum(len(d.text) for d in batch), path.name)
     for target in (dedup_path, tokens_path):
-        tmp = target.with_name(f".{target.name}.tmp")
         if target in writers:
             sink, writer = writers[target]
             writer.close()
             sink.close()
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
+            commit_file(temps[target], target)
         else:
             target.unlink(missing_ok=True)  # a file with no surviving document has no work files
-    write_json_atomic(tally_path, tally.state_dict())
+    publish_json(tally_path, tally.state_dict())
 
 
 def reduce_shards(cfg: ShardConfig, out: Path, data_hash: str) -> dict[str, Any]:
@@ -197,8 +197,8 @@ def reduce_shards(cfg: ShardConfig, out: Path, data_hash: str) -> dict[str, Any]
                              f"{sum(tally.dropped.values())} dropped")
     previous.extended(current, verdict.keep).save(out / "dedup-index.arrow")
     stats = {**tally.state_dict(), "tokens": tokens, "dropped_total": sum(tally.dropped.values())}
-    write_json_atomic(out / "stats.json", stats)
+    publish_json(out / "stats.json", stats)
     manifest.save(out)
-    write_atomic(out / COMPLETE, f"{manifest.sha256()}\n".encode())
+    publish_bytes(out / COMPLETE, f"{manifest.sha256()}\n".encode())
     shutil.rmtree(out / WORK, ignore_errors=True)  # the shards hold everything now; work files double the disk
     return stats

@@ -15,12 +15,12 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import submitit
-from submitit.slurm import slurm as submitit_slurm
+from typing import TYPE_CHECKING, Any
 
 from slurm.resources import Resources, sbatch_parameters
+
+if TYPE_CHECKING:  # submitit loads in the methods that submit or render (status, logs, cancel never need it)
+    import submitit
 
 # Slurm states after which a job will not run again by itself.
 TERMINAL_STATES = frozenset(
@@ -92,6 +92,8 @@ class SlurmExecutor(Executor):
         return f"{self._python(res)} -u -m submitit.core._submit {shlex.quote(str(folder))}"
 
     def render(self, spec: JobSpec) -> str:
+        from submitit.slurm import slurm as submitit_slurm
+
         _check_folder(spec.folder)
         params = sbatch_parameters(spec.resources, spec.name, spec.after)
         array: dict[str, Any] = {"map_count": len(spec.tasks)} if spec.is_array else {}
@@ -101,6 +103,8 @@ class SlurmExecutor(Executor):
         )
 
     def submit(self, spec: JobSpec) -> list[submitit.Job[Any]]:
+        import submitit
+
         _check_folder(spec.folder)
         executor = submitit.SlurmExecutor(
             folder=spec.folder, max_num_timeout=spec.resources.max_requeues, python=self._python(spec.resources)
@@ -172,6 +176,8 @@ class LocalExecutor(Executor):
     def submit(self, spec: JobSpec) -> list[submitit.Job[Any]]:
         if spec.after:
             raise SubmissionError("the local executor cannot wait on other jobs; submit after they finish")
+        import submitit
+
         executor = submitit.LocalExecutor(folder=spec.folder, max_num_timeout=spec.resources.max_requeues)
         executor.update_parameters(
             tasks_per_node=spec.resources.tasks,  # several "nodes" become processes on this one

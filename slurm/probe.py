@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from slurm.files import write_json_atomic
+from common.publish import publish_json
 from slurm.resources import Resources
 from slurm.taskenv import TaskEnv
 
@@ -63,11 +63,11 @@ def run_probe(cfg: ProbeConfig, out: Path, env: TaskEnv, element: int | None = N
                                    else {"count": 0, "attempts": []})
         counter["attempts"].append({"restart_count": env.restart_count, "job_id": env.job_id,
                                     "start": counter["count"]})
-        write_json_atomic(counter_path, counter)
+        publish_json(counter_path, counter)
         while counter["count"] < cfg.steps:
             time.sleep(cfg.step_seconds)
             counter["count"] += 1
-            write_json_atomic(counter_path, counter)
+            publish_json(counter_path, counter)
         report["count"] = counter["count"]
-    write_json_atomic(out / f"env-{tag}.json", report)
+    publish_json(out / f"env-{tag}.json", report)
     return report

@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that the OS has just handed out (bound to port 0): the one way tests pick a
+    rendezvous port (`from tests.conftest import free_port`), never a fixed number."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def _cluster_problem() -> str | None:

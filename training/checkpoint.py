@@ -25,9 +25,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from slurm.files import write_atomic, write_json_atomic
+from common.publish import fsync_path, fsync_tree, publish_bytes, publish_json
 
-STATE_VERSION = 1
+STATE_VERSION = 2
+# Version 1 also had `scheduler`, `best_metric` and `best_step`, never written (the LR is a pure function of the
+# step; the best metric lives in `early_stop`): a version-1 state loads with them dropped.
+_DROPPED_IN_2 = ("scheduler", "best_metric", "best_step")
 COMPLETE = "COMPLETE"
 LATEST = "LATEST"
 NO_COMPLETE = "no COMPLETE"
@@ -48,26 +51,26 @@ def step_dir_name(step: int) -> str:
 class TrainState:
     """Everything a resume needs besides weights and optimizer state, as plain JSON."""
 
-    step: int = 0
-    tokens: int = 0
+    step: int = 0  # optimizer steps done
+    tokens: int = 0  # training tokens seen, over all ranks
     loader: dict[str, Any] = field(default_factory=dict)  # opaque, from the data loader
-    scheduler: dict[str, Any] = field(default_factory=dict)  # opaque, from the LR scheduler
     early_stop: dict[str, Any] = field(default_factory=dict)  # best metric, evals without improvement
-    best_metric: float | None = None
-    best_step: int | None = None
     manifest_sha256: list[str] = field(default_factory=list)  # one per data source
-    config_sha256: str = ""
-    model_fingerprint: str = ""
-    tokenizer_sha256: str = ""
-    seq_len: int = 0
+    config_sha256: str = ""  # the stage config this state was trained under
+    model_fingerprint: str = ""  # the model it started from: a resume onto another model is refused
+    tokenizer_sha256: str = ""  # the tokenizer of the data: a resume onto other tokens is refused
+    seq_len: int = 0  # packed sequence length: a resume onto another length is refused
 
     def state_dict(self) -> dict[str, Any]:
         return {"version": STATE_VERSION, **asdict(self)}
 
     def load_state_dict(self, d: dict[str, Any]) -> None:
         version = d.get("version")
-        if version != STATE_VERSION:
-            raise ValueError(f"train state version {version!r} is not supported (this code reads {STATE_VERSION})")
+        if version == 1:
+            d = {k: v for k, v in d.items() if k not in _DROPPED_IN_2}
+        elif version != STATE_VERSION:
+            raise ValueError(f"train state version {version!r} is not supported "
+                             f"(this code reads 1 and {STATE_VERSION})")
         names = {f.name for f in fields(self)}
         given = set(d) - {"version"}
         # A schema change must bump the version; silently defaulting a field would resume from a wrong state.
@@ -145,20 +148,6 @@ def rng_file(folder: Path, rank: int) -> Path:
     return folder / f"rng-rank{rank:05d}.json"
 
 
-def _fsync(path: Path) -> int:
-    """fsync a file or directory; returns its size as seen through the open descriptor.
-
-    Opening first matters on NFS: close-to-open consistency makes the size fresh even for a file
-    another node wrote, where a plain stat() could answer from the attribute cache.
-    """
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        return os.fstat(fd).st_size
-    finally:
-        os.close(fd)
-
-
 def _move_aside(path: Path, why: str) -> Path:
     """Rename a directory to `<name>.<why>.tmp`, which latest_valid ignores and prune removes."""
     target = path.with_name(f"{path.name}.{why}.tmp")
@@ -213,23 +202,19 @@ class Checkpointer:
             warnings.warn(f"checkpoint {final.name} already exists and is valid; keeping it, discarding this save",
                           CheckpointWarning, stacklevel=3)
             shutil.rmtree(tmp)
-            write_atomic(self.root / LATEST, f"{final.name}\n".encode())
+            publish_bytes(self.root / LATEST, f"{final.name}\n".encode())
             self.prune()
             return
-        files: dict[str, int] = {}
-        for dirpath, _dirnames, filenames in sorted(os.walk(tmp), reverse=True):  # children before parents
-            for filename in sorted(filenames):
-                path = Path(dirpath) / filename
-                files[path.relative_to(tmp).as_posix()] = _fsync(path)
-            _fsync(Path(dirpath))
+        # Sizes as seen through an open descriptor: fresh on NFS even for files other nodes wrote.
+        files = fsync_tree(tmp)
         files.pop(COMPLETE, None)
-        write_json_atomic(tmp / COMPLETE, {"version": 1, "step": step, "metric": metric,
-                                           "world_size": self.world, "files": dict(sorted(files.items()))})
+        publish_json(tmp / COMPLETE, {"version": 1, "step": step, "metric": metric,
+                                      "world_size": self.world, "files": files})
         if final.exists():  # damaged: nothing valid is lost by moving it out of the way
             _move_aside(final, "bad")
-        os.rename(tmp, final)
-        _fsync(self.root)
-        write_atomic(self.root / LATEST, f"{final.name}\n".encode())
+        os.rename(tmp, final)  # the multi-rank protocol: every rank wrote into the deterministic `step-N.tmp`
+        fsync_path(self.root)
+        publish_bytes(self.root / LATEST, f"{final.name}\n".encode())
         self.prune()
 
     def verify(self, path: Path) -> list[str]:
@@ -331,7 +316,7 @@ class Checkpointer:
         doomed += [path for _, path in valid if path not in keep]
         if valid:
             doomed += [path for step, path in self._steps(_TMP_DIR) if step <= valid[0][0]]
-        doomed += list(self.root.glob(f".{LATEST}.tmp*"))  # write_atomic's leftovers from a kill
+        doomed += list(self.root.glob(f".{LATEST}.tmp*"))  # publish_bytes' leftovers (.LATEST.tmp.<host>.<pid>)
         for path in doomed:
             self._delete(path)
 

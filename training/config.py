@@ -1,12 +1,39 @@
-"""Configuration of the training loop shared by continued pretraining and distillation."""
+"""Configuration of the training stages: the loop shared by continued pretraining and distillation, its data,
+and the teacher-logits stage.
+
+Only dataclasses and their checks live here, importing nothing heavy: every CLI command loads these, and only
+the jobs that train need torch, numpy or the shard readers.
+"""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
 from slurm.resources import Resources
-from training.data import DataConfig
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    sources: tuple[str, ...] = ()  # shard folders to mix, e.g. domain then replay ("" or none: this run's shards)
+    weights: tuple[float, ...] = ()  # mixing weight per source, e.g. [0.95, 0.05] (empty: equal weights)
+    names: tuple[str, ...] = ()  # name per source in logs and metrics (empty: the folder names)
+    seed: int = 1234  # seeds the per-epoch shuffle of every source; the mixing order itself is fixed
+    split: str = "train"  # which split of every source to train on
+    verify_hashes: bool = False  # re-hash every shard at start (reads all data); otherwise only sizes are checked
+
+    def __post_init__(self) -> None:
+        for name in ("weights", "names"):
+            if getattr(self, name) and len(getattr(self, name)) != len(self.sources):
+                raise ValueError(f"{name} must be empty or have one entry per source ({len(self.sources)}), "
+                                 f"got {len(getattr(self, name))}")
+        if any(not (math.isfinite(w) and w > 0) for w in self.weights):
+            raise ValueError(f"weights must be positive and finite, got {list(self.weights)}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be at least 0, got {self.seed}")
+        if not self.split:
+            raise ValueError("split must be a split name such as 'train'")
 
 
 @dataclass(frozen=True)
@@ -108,3 +135,18 @@ class DistillConfig(TrainConfig):
             raise ValueError(f"student_layers must not be negative, got {self.student_layers}")
         if self.student_calibration_rows < 1:
             raise ValueError(f"student_calibration_rows must be at least 1, got {self.student_calibration_rows}")
+
+
+@dataclass(frozen=True)
+class TeacherLogitsConfig:
+    resources: Resources = field(default_factory=Resources)  # per array element (one GPU each on a cluster)
+    teacher: str = ""  # the teacher's Hugging Face folder ("": this run's cpt export)
+    source: str = ""  # the token shard folder to cache logits for ("": this run's shard output)
+    k: int = 64  # logits kept per position (the rest of the distribution is dropped)
+    batch: int = 8  # sequences per teacher forward pass
+    tasks: int = 2  # job array elements; each takes every tasks-th token shard
+
+    def __post_init__(self) -> None:
+        for name in ("k", "batch", "tasks"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")

@@ -41,6 +41,7 @@ from typing import TypedDict
 import numpy as np
 
 from sharding.shards import Manifest, ManifestError, ShardReader
+from training.config import DataConfig
 
 STATE_VERSION = 1
 TICKETS = 10_000  # mixing weights are honoured to 1/10000 of the total; bounds the precomputed period
@@ -48,31 +49,6 @@ TICKETS = 10_000  # mixing weights are honoured to 1/10000 of the total; bounds 
 
 class DataError(ValueError):
     """The training data cannot be used as configured; one line saying which source and why."""
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    sources: tuple[str, ...] = ()  # shard folders to mix, e.g. domain then replay ("" or none: this run's shards)
-    weights: tuple[float, ...] = ()  # mixing weight per source, e.g. [0.95, 0.05] (empty: equal weights)
-    names: tuple[str, ...] = ()  # name per source in logs and metrics (empty: the folder names)
-    seed: int = 1234  # seeds the per-epoch shuffle of every source; the mixing order itself is fixed
-    split: str = "train"  # which split of every source to train on
-    verify_hashes: bool = False  # re-hash every shard at start (reads all data); otherwise only sizes are checked
-    val_rows: int = 0  # validation sequences evaluated per source, the first of its val split (0: all)
-
-    def __post_init__(self) -> None:
-        for name in ("weights", "names"):
-            if getattr(self, name) and len(getattr(self, name)) != len(self.sources):
-                raise ValueError(f"{name} must be empty or have one entry per source ({len(self.sources)}), "
-                                 f"got {len(getattr(self, name))}")
-        if any(not (math.isfinite(w) and w > 0) for w in self.weights):
-            raise ValueError(f"weights must be positive and finite, got {list(self.weights)}")
-        if self.seed < 0:
-            raise ValueError(f"seed must be at least 0, got {self.seed}")
-        if not self.split:
-            raise ValueError("split must be a split name such as 'train'")
-        if self.val_rows < 0:
-            raise ValueError(f"val_rows must be at least 0, got {self.val_rows}")
 
 
 @dataclass

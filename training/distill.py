@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -15,22 +14,15 @@ from training.config import DistillConfig
 from training.data import OpenedSource
 from training.engine import load_model, setup_distributed
 from training.kd import kd_loss, kd_loss_topk
-from training.loop import Objective, train
+from training.loop import Objective, TrainPaths, train
 from training.student import block_influence, check_same_vocab, choose_layers_by_influence, student_from_teacher
-from training.topk_cache import TopkCache
+from training.teacher_logits import TopkCache
 
 
-def teacher_path(cfg: DistillConfig, out: Path) -> Path:
-    return Path(cfg.teacher) if cfg.teacher else out.parent / "cpt" / "export"
-
-
-def student_path(cfg: DistillConfig, out: Path) -> Path:
-    return out / "student-init" if cfg.student_layers else Path(cfg.model.path)
-
-
-def prepare_student(cfg: DistillConfig, out: Path) -> dict[str, Any]:
-    """One task, before training: derive the student from the teacher's layers (once) and check vocabularies."""
-    teacher, student = teacher_path(cfg, out), student_path(cfg, out)
+def prepare_student(cfg: DistillConfig) -> dict[str, Any]:
+    """One task, before training: derive the student from the teacher's layers (once, into `cfg.model.path`)
+    and check vocabularies. Every path in `cfg` is resolved (the launcher's run layout fills the empty ones)."""
+    teacher, student = Path(cfg.teacher), Path(cfg.model.path)
     if cfg.student_layers and not (student / "config.json").exists():
         rows = _calibration_rows(cfg) if cfg.student_layer_choice == "influence" or cfg.student_bridge else None
         layers: dict[str, Any] = {"layers": cfg.student_layers, "provenance": {"layer_choice": "even"}}
@@ -61,7 +53,7 @@ def _calibration_rows(cfg: DistillConfig) -> torch.Tensor:
 
 def _layers_by_influence(cfg: DistillConfig, teacher: Path, rows: torch.Tensor) -> tuple[list[int], dict[str, Any]]:
     """The teacher layers to keep by block influence on the calibration rows."""
-    model = load_model(str(teacher), cfg.model.dtype, -1.0, False).eval()
+    model = load_model(str(teacher), cfg.model.dtype).eval()
     influence = block_influence(model, rows)
     keep = choose_layers_by_influence(influence, cfg.student_layers)
     print(f"[student] block influence per teacher layer: {' '.join(f'{x:.3f}' for x in influence)}\n"
@@ -73,7 +65,7 @@ def _layers_by_influence(cfg: DistillConfig, teacher: Path, rows: torch.Tensor) 
 def _teacher(cfg: DistillConfig, folder: Path, device: torch.device) -> Any:
     """The frozen teacher: a full copy per rank, or with teacher_zero3 its parameters sharded across ranks
     (every forward gathers them layer by layer: slower, but a teacher larger than one device fits)."""
-    model = load_model(str(folder), cfg.model.dtype, -1.0, False).eval().requires_grad_(False)
+    model = load_model(str(folder), cfg.model.dtype).eval().requires_grad_(False)
     if not cfg.teacher_zero3:
         return model.to(device)
     import deepspeed
@@ -85,9 +77,9 @@ def _teacher(cfg: DistillConfig, folder: Path, device: torch.device) -> Any:
     return engine
 
 
-def distil(cfg: DistillConfig, out: Path, env: TaskEnv, config_sha256: str) -> dict[str, Any]:
-    teacher_dir = teacher_path(cfg, out)
-    cfg = replace(cfg, model=replace(cfg.model, path=str(student_path(cfg, out))))
+def distill(cfg: DistillConfig, paths: TrainPaths, env: TaskEnv, config_sha256: str) -> dict[str, Any]:
+    """Train the student `cfg.model.path` against the teacher `cfg.teacher` (paths resolved by the caller)."""
+    teacher_dir = Path(cfg.teacher)
     device = setup_distributed(env)  # before the teacher: a sharded teacher needs the process group
     kd_args: dict[str, Any] = {"alpha": cfg.alpha, "temperature": cfg.temperature, "divergence": cfg.divergence,
                                "beta": cfg.beta}
@@ -115,4 +107,4 @@ def distil(cfg: DistillConfig, out: Path, env: TaskEnv, config_sha256: str) -> d
     objective = Objective("distill", loss, {"teacher": str(teacher_dir), "kd": kd_args,
                                             "topk_cache": cfg.topk_cache or None,
                                             "topk_student_norm": cfg.topk_student_norm if cfg.topk_cache else None})
-    return train(cfg, out, env, objective, config_sha256)
+    return train(cfg, paths, env, objective, config_sha256)

@@ -85,7 +85,9 @@ def model_fingerprint(path: str) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
 
 
-def load_model(path: str, dtype: str, dropout: float, gradient_checkpointing: bool) -> torch.nn.Module:
+def load_model(path: str, dtype: str, *, dropout: float = -1.0,
+               gradient_checkpointing: bool = False) -> torch.nn.Module:
+    """A local Hugging Face causal LM in `dtype`; `dropout` >= 0 overrides its dropout rates (-1: keep them)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if not (Path(path) / "config.json").is_file():

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from slurm.files import write_atomic, write_json_atomic
+from common.publish import publish_json, publishing_dir
 from training.config import TrainConfig
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
@@ -42,17 +42,14 @@ def export_model(engine: Any, cfg: TrainConfig, folder: Path, source: Path | Non
         state_dict = engine.module.state_dict() if rank == 0 else None
     result: dict[str, Any] = {}
     if rank == 0:
-        tmp = folder.with_name(folder.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        engine.module.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-        for name in TOKENIZER_FILES:
-            if (Path(cfg.model.path) / name).exists():
-                shutil.copy2(Path(cfg.model.path) / name, tmp / name)
-        write_json_atomic(tmp / "provenance.json", provenance)
-        result = check_export(tmp, probe.cpu(), reference, cfg.model.dtype)
-        shutil.rmtree(folder, ignore_errors=True)
-        tmp.rename(folder)
-        write_atomic(folder / "COMPLETE", b"ok\n")
+        # Every file is fsynced and COMPLETE ("ok") written last, then the folder replaces an older export.
+        with publishing_dir(folder) as tmp:
+            engine.module.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+            for name in TOKENIZER_FILES:
+                if (Path(cfg.model.path) / name).exists():
+                    shutil.copy2(Path(cfg.model.path) / name, tmp / name)
+            publish_json(tmp / "provenance.json", provenance)
+            result = check_export(tmp, probe.cpu(), reference, cfg.model.dtype)  # before anything is published
         print(f"[train] exported {folder} (max |logit difference| {result['max_logit_diff']:.2e})", flush=True)
     _barrier()
     engine.train()

@@ -1,8 +1,8 @@
 """The training loop shared by continued pretraining and distillation.
 
 The two differ in the `Objective` (the loss, and for distillation a frozen teacher), not here.
-Read top to bottom: set up, resume, then per optimizer step: LR, micro-batches, log, evaluate,
-checkpoint, stop; at the end export.
+Read `_train` top to bottom: set up, resume, then per optimizer step: LR, micro-batches, log, evaluate,
+checkpoint, stop; at the end export. The pieces it calls come first, in the order it calls them.
 """
 
 from __future__ import annotations
@@ -10,33 +10,45 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import signal
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from common.publish import publish_json, publishing_dir
 from sharding.tokenize import tokenizer_fingerprint
-from slurm.files import write_json_atomic
 from slurm.requeue import REQUEUE_GRACE_S
 from slurm.taskenv import TaskEnv, process_age_s, slurm_job_end_time
 from training.checkpoint import Checkpointer, TrainState, capture_rng, restore_rng, rng_file
 from training.config import TrainConfig
-from training.data import EvalSet, MixedStream, OpenedSource, check_compatible
+from training.data import EvalSet, MixedStream, OpenedSource, check_compatible, open_sources
 from training.engine import build_engine, deepspeed_config, load_model, model_fingerprint, setup_distributed
 from training.evaluate import EarlyStopping, evaluate
 from training.export import export_model
+from training.metrics import MetricsLog
 from training.schedule import lr_at
 from training.stop import REQUEUE_EXIT_CODE, StopRequest
 
 TRAIN_STATE = "train_state.json"  # inside each checkpoint, written by rank 0
-PROGRESS = "progress.json"  # in the stage folder: the latest numbers, for `stillroom status`
+
+
+@dataclass(frozen=True)
+class TrainPaths:
+    """Where a training stage writes: its folder, and the files in it that others read (the launcher's run
+    layout names them; this module never computes a path outside `folder`)."""
+
+    folder: Path  # the stage's folder: deepspeed.json, universal/ (resume on another rank count)
+    checkpoints: Path  # step-N/ checkpoints
+    export: Path  # the Hugging Face export, COMPLETE inside once whole
+    metrics: Path  # metrics.jsonl, every event
+    progress: Path  # progress.json, the latest numbers for `stillroom status`
 
 
 @dataclass(frozen=True)
@@ -54,6 +66,102 @@ def causal_lm_loss(engine: Any, input_ids: torch.Tensor, ids: list[tuple[int, in
 CPT = Objective("cpt", causal_lm_loss)
 
 
+@dataclass(frozen=True)
+class TrainData:
+    stream: MixedStream  # the training mixture, a pure function of the step
+    val_sets: dict[str, EvalSet]  # "domain" and optionally "general"
+    manifests: list[str]  # sha256 of each source's manifest, in order
+    seq_len: int
+    tokenizer_sha256: str
+
+
+def open_data(cfg: TrainConfig, world: int) -> TrainData:
+    """The training sources (checked against the model's tokenizer and each other) and the validation sets."""
+    sources = open_sources(cfg.data)
+    seq_len = sources[0].seq_len
+    tokenizer_sha = tokenizer_fingerprint(cfg.model.path)
+    check_compatible(sources, tokenizer_sha, seq_len)
+    eval_rows = cfg.eval.batches * cfg.engine.micro_batch * world
+    val_sets = {"domain": EvalSet(OpenedSource(cfg.domain_val or cfg.data.sources[0], "val"), eval_rows)}
+    if cfg.general_val:
+        val_sets["general"] = EvalSet(OpenedSource(cfg.general_val, "val"), eval_rows)
+    return TrainData(MixedStream(sources, cfg.data.weights, cfg.data.seed), val_sets,
+                     [s.manifest_sha256 for s in sources], seq_len, tokenizer_sha)
+
+
+def _choose_checkpoint(checkpoints: Checkpointer, rank: int) -> Path | None:
+    """Rank 0 validates and picks; the others follow, so a lagging shared filesystem cannot split them."""
+    choice = [str(checkpoints.latest_valid()) if rank == 0 else None]
+    if dist.is_initialized():
+        dist.broadcast_object_list(choice, src=0)
+    return None if choice[0] in (None, "None") else Path(choice[0])
+
+
+def _saved_world(checkpoint: Path) -> int:
+    return int(json.loads((checkpoint / "COMPLETE").read_text()).get("world_size", 0))
+
+
+def _loadable(cfg: TrainConfig, resumed: Path | None, universal_root: Path, rank: int,
+              world: int) -> tuple[TrainConfig, Path | None]:
+    """The folder to load `resumed` from, and the config to load it with."""
+    if resumed is None or _saved_world(resumed) == world or cfg.engine.zero_stage == 0:
+        return cfg, resumed
+    # ZeRO shards optimizer state by rank; another rank count needs DeepSpeed's universal format.
+    overrides = {**cfg.engine.overrides, "checkpoint.load_universal": "true"}
+    return replace(cfg, engine=replace(cfg.engine, overrides=overrides)), _universal(resumed, universal_root, rank)
+
+
+def _universal(checkpoint: Path, root: Path, rank: int) -> Path:
+    """The checkpoint in DeepSpeed's universal format (converted once, by rank 0), loadable on any rank count."""
+    target = root / checkpoint.name
+    if rank == 0 and not (target / "COMPLETE").exists():
+        from deepspeed.checkpoint.ds_to_universal import main as to_universal
+        from deepspeed.checkpoint.ds_to_universal import parse_arguments
+
+        saved_argv = sys.argv
+        with publishing_dir(target) as tmp:
+            try:
+                sys.argv = ["ds_to_universal", "--input_folder", str(checkpoint), "--output_folder", str(tmp),
+                            "--num_extract_workers", "1", "--num_merge_workers", "1"]
+                to_universal(parse_arguments())
+            finally:
+                sys.argv = saved_argv
+    if dist.is_initialized():
+        dist.barrier()
+    return target
+
+
+def _engine(cfg: TrainConfig, folder: Path, device: torch.device, main: bool) -> Any:
+    model = load_model(cfg.model.path, cfg.model.dtype, dropout=cfg.model.dropout,
+                       gradient_checkpointing=cfg.model.gradient_checkpointing)
+    engine = build_engine(cfg, model, device.type == "cuda")
+    if main:  # the configuration DeepSpeed was given, for whoever debugs the run
+        publish_json(folder / "deepspeed.json", deepspeed_config(cfg, device.type == "cuda"))
+    return engine
+
+
+def _job_end_time(env: TaskEnv) -> float | None:
+    return env.end_time or (slurm_job_end_time(env.job_id) if env.launcher == "slurm" and env.rank == 0 else None)
+
+
+def _resume(engine: Any, resumed: Path, load_from: Path, state: TrainState, early: EarlyStopping, env: TaskEnv,
+            config_sha256: str) -> None:
+    """Weights, optimizer, train state, this rank's RNG and early stopping from the checkpoint `resumed`."""
+    rank = env.rank
+    engine.load_checkpoint(str(load_from.parent), tag=load_from.name, load_lr_scheduler_states=False)
+    saved = TrainState()
+    saved.load_state_dict(json.loads((resumed / TRAIN_STATE).read_text()))
+    if problems := saved.compatible_with(state):
+        raise ValueError(f"cannot resume from {resumed}: {'; '.join(problems)}")
+    state.load_state_dict({**saved.state_dict(), "config_sha256": config_sha256,
+                           "manifest_sha256": state.manifest_sha256})
+    if rng_file(resumed, rank).exists():  # absent when this rank did not exist in the saved run
+        restore_rng(json.loads(rng_file(resumed, rank).read_text()))
+    early.load_state_dict(state.early_stop)
+    if rank == 0:
+        print(f"[train] resumed from {resumed.name} at step {state.step} ({env.world_size} ranks)", flush=True)
+
+
 def _mean_across_ranks(value: torch.Tensor) -> float:
     value = value.detach().float().clone()
     if dist.is_initialized():
@@ -62,13 +170,105 @@ def _mean_across_ranks(value: torch.Tensor) -> float:
     return float(value.item())
 
 
+def _optimizer_step(engine: Any, objective: Objective, stream: MixedStream, lr: float, micro: int, accum: int,
+                    rank: int, world: int, device: torch.device) -> torch.Tensor:
+    """One optimizer step over `accum` micro-batches; returns the step's mean loss on this rank."""
+    for group in engine.optimizer.param_groups:
+        group["lr"] = lr
+    step_loss = torch.zeros((), device=device)
+    for m in range(accum):
+        rows, ids = stream.next_batch(m, rank, world, micro, accum)
+        loss = objective.loss(engine, torch.from_numpy(rows).to(device), ids)
+        engine.backward(loss)
+        # DeepSpeed counts micro-batches: engine.step() steps the optimizer (and zeroes the gradients) only at
+        # the accumulation boundary, every `grad_accum`-th call; the calls before it only accumulate.
+        engine.step()
+        step_loss += loss.detach() / accum
+    stream.advance(micro * accum * world)
+    return step_loss
+
+
+def _record_first_step(log: MetricsLog, resumed: bool, world: int) -> None:
+    """What a requeue costs: process start (imports, rendezvous, load) to the first step done."""
+    if (age := process_age_s()) is None:
+        return
+    log.record("first_step", seconds_since_process_start=age, resumed=resumed, world=world)
+    if log.active:
+        print(f"[train] first step {log.state.step} done {age:.1f} s after process start", flush=True)
+
+
+def _record_train(log: MetricsLog, engine: Any, cfg: TrainConfig, step_loss: torch.Tensor, lr: float,
+                  step_tokens: int, steps_this_attempt: int, started: float) -> None:
+    """The train line: every rank takes part (the loss is averaged across ranks), rank 0 writes it."""
+    loss_value = _mean_across_ranks(step_loss)
+    rate = steps_this_attempt * step_tokens / max(time.monotonic() - started, 1e-9)
+    grad_norm = engine.get_global_grad_norm()
+    eta = (cfg.steps - log.state.step) * step_tokens / max(rate, 1e-9)
+    log.record("train", loss=loss_value, lr=lr, tokens=log.state.tokens, tokens_per_s=rate, eta_s=eta,
+               grad_norm=None if grad_norm is None else float(grad_norm))
+    if log.active:
+        print(f"[train] step {log.state.step}/{cfg.steps} loss {loss_value:.4f} lr {lr:.2e} "
+              f"{rate:,.0f} tok/s eta {eta / 60:.1f} min", flush=True)
+
+
+def checkpoint_due(cfg: TrainConfig, step: int, minutes_since_save: float, new_best: bool) -> bool:
+    """A scheduled save: every `every_steps`, at least every `every_minutes`, and at each new best when the best
+    weights are to be exported (they must exist as a checkpoint)."""
+    every = cfg.checkpoint
+    return bool((every.every_steps and step % every.every_steps == 0)
+                or (every.every_minutes and minutes_since_save >= every.every_minutes)
+                or (new_best and cfg.export == "best"))
+
+
+def _write_checkpoint(engine: Any, state: TrainState, rank: int, folder: Path) -> None:
+    """What this rank puts into the checkpoint folder `Checkpointer.save` hands it."""
+    # The (empty) universal info lets ds_to_universal convert it for a resume on another rank count.
+    engine.save_checkpoint(str(folder.parent), tag=folder.name, save_latest=False,
+                           client_state={"universal_checkpoint_info": {}})
+    publish_json(rng_file(folder, rank), capture_rng())
+    if rank == 0:
+        publish_json(folder / TRAIN_STATE, state.state_dict())
+
+
+def save_checkpoint(checkpoints: Checkpointer, engine: Any, state: TrainState, stream: MixedStream,
+                    early: EarlyStopping, rank: int, metric: float | None, log: MetricsLog, reason: str) -> Path:
+    """Every rank calls this at the same step; the checkpoint is published whole or not at all."""
+    state.loader, state.early_stop = dict(stream.state_dict()), early.state_dict()
+    began = time.monotonic()
+    path = checkpoints.save(state.step, partial(_write_checkpoint, engine, state, rank), metric=metric)
+    log.record("checkpoint", path=path.name, reason=reason, seconds=time.monotonic() - began)
+    return path
+
+
+def _export(engine: Any, cfg: TrainConfig, paths: TrainPaths, checkpoints: Checkpointer, early: EarlyStopping,
+            state: TrainState, objective: Objective, stopped: str | None, device: torch.device,
+            rank: int) -> dict[str, Any]:
+    """The final (or best) weights as a Hugging Face folder, with where they came from."""
+    source = checkpoints.best() if cfg.export == "best" and early.best is not None else None
+    result = export_model(engine, cfg, paths.export, source, device, rank, provenance={
+        "objective": objective.name, **(objective.extra or {}), "base_model": cfg.model.path,
+        "data_manifests": state.manifest_sha256, "steps": state.step, "tokens": state.tokens,
+        "validation": early.last, "stopped": stopped, "config_sha256": state.config_sha256})
+    final = early.last.get("domain_loss", math.nan)
+    return {"step": state.step, "tokens": state.tokens, "export": str(paths.export), **result,
+            "final_domain_loss": None if math.isnan(final) else final}
+
+
+def _leave(stop: StopRequest, log: MetricsLog, rank: int, cfg: TrainConfig, reason: str, saved: str) -> None:
+    log.record("stop", reason=reason)
+    if log.active:
+        print(f"[train] stopping at step {log.state.step}: {reason}; {saved}, exit for requeue", flush=True)
+    log.close()
+    _exit_for_requeue(stop, rank, cfg.resources.signal_number)
+
+
 def _exit_for_requeue(stop: StopRequest, rank: int, requeue_signal: signal.Signals) -> None:
     """Leave after a stop-checkpoint so that the job runs again.
 
     Under submitit (Slurm or local) its own signal handler requeues the job from rank 0: hand it the
     signal now that the checkpoint is safe. The requeue ends every task of the job, so the other
     ranks wait for that rather than exit and be counted as finished. Elsewhere (torchrun, a plain
-    process) exit with REQUEUE_EXIT_CODE, which a batch script or the launcher turns into a requeue.
+    process) exit with REQUEUE_EXIT_CODE: whoever started the process resumes it by running it again.
     """
     received = stop.received_signal
     stop.uninstall()
@@ -81,208 +281,75 @@ def _exit_for_requeue(stop: StopRequest, rank: int, requeue_signal: signal.Signa
     sys.exit(REQUEUE_EXIT_CODE)
 
 
-def _saved_world(checkpoint: Path) -> int:
-    return int(json.loads((checkpoint / "COMPLETE").read_text()).get("world_size", 0))
-
-
-def _universal(checkpoint: Path, root: Path, rank: int) -> Path:
-    """The checkpoint in DeepSpeed's universal format (converted once, by rank 0), loadable on any rank count."""
-    target = root / checkpoint.name
-    if rank == 0 and not target.exists():
-        from deepspeed.checkpoint.ds_to_universal import main as to_universal
-        from deepspeed.checkpoint.ds_to_universal import parse_arguments
-
-        tmp = root / f"{checkpoint.name}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        root.mkdir(parents=True, exist_ok=True)
-        saved_argv = sys.argv
-        try:
-            sys.argv = ["ds_to_universal", "--input_folder", str(checkpoint), "--output_folder", str(tmp),
-                        "--num_extract_workers", "1", "--num_merge_workers", "1"]
-            to_universal(parse_arguments())
-        finally:
-            sys.argv = saved_argv
-        tmp.rename(target)
-    if dist.is_initialized():
-        dist.barrier()
-    return target
-
-
-def _choose_checkpoint(checkpoints: Checkpointer, rank: int) -> Path | None:
-    """Rank 0 validates and picks; the others follow, so a lagging shared filesystem cannot split them."""
-    choice = [str(checkpoints.latest_valid()) if rank == 0 else None]
-    if dist.is_initialized():
-        dist.broadcast_object_list(choice, src=0)
-    return None if choice[0] in (None, "None") else Path(choice[0])
-
-
-def train(cfg: TrainConfig, out: Path, env: TaskEnv, objective: Objective, config_sha256: str) -> dict[str, Any]:
+def train(cfg: TrainConfig, paths: TrainPaths, env: TaskEnv, objective: Objective,
+          config_sha256: str) -> dict[str, Any]:
     # Listening before the process group exists: a stop signal during set-up is then only recorded, and all
     # ranks leave together once set up, instead of submitit requeueing from rank 0 in the middle of a rendezvous.
     with StopRequest().install(signals=(cfg.resources.signal_number, signal.SIGTERM)) as stop:
-        return _train(cfg, out, env, objective, config_sha256, stop)
+        return _train(cfg, paths, env, objective, config_sha256, stop)
 
 
-def _train(cfg: TrainConfig, out: Path, env: TaskEnv, objective: Objective, config_sha256: str,
+def _train(cfg: TrainConfig, paths: TrainPaths, env: TaskEnv, objective: Objective, config_sha256: str,
            stop: StopRequest) -> dict[str, Any]:
-    # --- set up: processes, data, model, engine, state --------------------------------------------------------
+    # --- set up: processes, data, model, engine, state -------------------------------------------------------------
     device = setup_distributed(env)
     rank, world, main = env.rank, env.world_size, env.rank == 0
-    sources = [OpenedSource(path, "train", cfg.data.verify_hashes) for path in cfg.data.sources]
-    seq_len = sources[0].seq_len
-    tokenizer_sha = tokenizer_fingerprint(cfg.model.path)
-    check_compatible(sources, tokenizer_sha, seq_len)
-    stream = MixedStream(sources, cfg.data.weights, cfg.data.seed)
-    eval_rows = cfg.eval.batches * cfg.engine.micro_batch * world
-    val_sets = {"domain": EvalSet(OpenedSource(cfg.domain_val or cfg.data.sources[0], "val"), eval_rows)}
-    if cfg.general_val:
-        val_sets["general"] = EvalSet(OpenedSource(cfg.general_val, "val"), eval_rows)
-    checkpoints = Checkpointer(out / "checkpoints", cfg.checkpoint.keep_last, rank, world, dist.barrier)
+    data = open_data(cfg, world)
+    checkpoints = Checkpointer(paths.checkpoints, cfg.checkpoint.keep_last, rank, world, dist.barrier)
     resumed = _choose_checkpoint(checkpoints, rank)
-    load_from = resumed
-    if resumed is not None and _saved_world(resumed) != world and cfg.engine.zero_stage > 0:
-        # ZeRO shards optimizer state by rank; another rank count needs DeepSpeed's universal format.
-        load_from = _universal(resumed, out / "universal", rank)
-        cfg = replace(cfg, engine=replace(cfg.engine, overrides={**cfg.engine.overrides,
-                                                                  "checkpoint.load_universal": "true"}))
-    model = load_model(cfg.model.path, cfg.model.dtype, cfg.model.dropout, cfg.model.gradient_checkpointing)
-    engine = build_engine(cfg, model, device.type == "cuda")
-    if main:
-        write_json_atomic(out / "deepspeed.json", deepspeed_config(cfg, device.type == "cuda"))
-    state = TrainState(manifest_sha256=[s.manifest_sha256 for s in sources], config_sha256=config_sha256,
-                       model_fingerprint=model_fingerprint(cfg.model.path), tokenizer_sha256=tokenizer_sha,
-                       seq_len=seq_len)
-    end_time = env.end_time or (slurm_job_end_time(env.job_id) if env.launcher == "slurm" and main else None)
-    stop.set_deadline(end_time, margin_s=float(cfg.resources.signal_lead_s))
+    cfg, load_from = _loadable(cfg, resumed, paths.folder / "universal", rank, world)
+    engine = _engine(cfg, paths.folder, device, main)
+    state = TrainState(manifest_sha256=data.manifests, config_sha256=config_sha256, seq_len=data.seq_len,
+                       model_fingerprint=model_fingerprint(cfg.model.path), tokenizer_sha256=data.tokenizer_sha256)
+    stop.set_deadline(_job_end_time(env), margin_s=float(cfg.resources.signal_lead_s))
     early = EarlyStopping(cfg.eval.patience, cfg.eval.min_delta, cfg.eval.forgetting_pct)
-    log = (out / "metrics.jsonl").open("a") if main else None
-    # Carried over from the previous attempt, so status keeps showing the last evaluation after a requeue.
-    progress: dict[str, Any] = json.loads((out / PROGRESS).read_text()) if main and (out / PROGRESS).exists() else {}
-    progress.update(objective=objective.name, total_steps=cfg.steps)
+    log = MetricsLog(paths.metrics, paths.progress, state, active=main, objective=objective.name,
+                     total_steps=cfg.steps)
 
-    def record(kind: str, **values: Any) -> None:
-        if log is None:
-            return
-        log.write(json.dumps({"kind": kind, "step": state.step, "time": time.time(), **values}) + "\n")
-        log.flush()
-        if kind in ("train", "eval", "checkpoint", "stop"):
-            if kind == "eval":
-                progress["forgetting_alarm"] = bool(values.get("forgetting_alarm"))
-            progress.update({k: v for k, v in values.items() if isinstance(v, (int, float, str)) and k != "base"},
-                            step=state.step, tokens=state.tokens, updated=time.time(), last_event=kind)
-            write_json_atomic(out / PROGRESS, progress)
-
-    # --- resume from the newest valid checkpoint, if any ---------------------------------------------------------
+    # --- resume from the newest valid checkpoint, if any --------------------------------------------------------------
     if resumed is not None and load_from is not None:
-        engine.load_checkpoint(str(load_from.parent), tag=load_from.name, load_lr_scheduler_states=False)
-        saved = TrainState()
-        saved.load_state_dict(json.loads((resumed / TRAIN_STATE).read_text()))
-        if problems := saved.compatible_with(state):
-            raise ValueError(f"cannot resume from {resumed}: {'; '.join(problems)}")
-        state.load_state_dict({**saved.state_dict(), "config_sha256": config_sha256,
-                               "manifest_sha256": state.manifest_sha256})
-        if rng_file(resumed, rank).exists():  # absent when this rank did not exist in the saved run
-            restore_rng(json.loads(rng_file(resumed, rank).read_text()))
-        early.load_state_dict(state.early_stop)
-        if main:
-            print(f"[train] resumed from {resumed.name} at step {state.step} ({world} ranks)", flush=True)
-    stream.load_state_dict(state.loader)
+        _resume(engine, resumed, load_from, state, early, env, config_sha256)
+    data.stream.load_state_dict(state.loader)
+    micro, accum = cfg.engine.micro_batch, cfg.engine.grad_accum
     if main:
-        planned = cfg.steps * cfg.engine.micro_batch * cfg.engine.grad_accum * world
-        print(f"[train] {objective.name} on {world} ranks ({device.type}):\n{stream.describe(planned)}", flush=True)
-
-    def save(reason: str, metric: float | None) -> None:
-        state.loader, state.early_stop = dict(stream.state_dict()), early.state_dict()
-
-        def write(folder: Path) -> None:
-            # The (empty) universal info lets ds_to_universal convert it for a resume on another rank count.
-            engine.save_checkpoint(str(folder.parent), tag=folder.name, save_latest=False,
-                                   client_state={"universal_checkpoint_info": {}})
-            write_json_atomic(rng_file(folder, rank), capture_rng())
-            if main:
-                write_json_atomic(folder / TRAIN_STATE, state.state_dict())
-
-        began = time.monotonic()
-        path = checkpoints.save(state.step, write, metric=metric)
-        record("checkpoint", path=path.name, reason=reason, seconds=time.monotonic() - began)
-
-    def leave(reason: str, saved: str) -> None:
-        record("stop", reason=reason)
-        if main:
-            print(f"[train] stopping at step {state.step}: {reason}; {saved}, exit for requeue", flush=True)
-        if log is not None:
-            log.close()
-        _exit_for_requeue(stop, rank, cfg.resources.signal_number)
-
+        print(f"[train] {objective.name} on {world} ranks ({device.type}):\n"
+              f"{data.stream.describe(cfg.steps * micro * accum * world)}", flush=True)
     if requested := stop.agree(device):  # it came during set-up: leave before doing work nobody would save
-        leave(requested, "nothing new to save")
+        _leave(stop, log, rank, cfg, requested, "nothing new to save")
     if state.step == 0 and resumed is None:  # the base model's numbers: the reference for the forgetting alarm
-        base = evaluate(engine, val_sets, cfg.engine.micro_batch, device, rank, world)
+        base = evaluate(engine, data.val_sets, micro, device, rank, world)
         early.set_baseline(base)
-        record("eval", **base, base=True)
+        log.record("eval", **base, base=True)
 
     # --- the loop: one iteration per optimizer step ---------------------------------------------------------------
-    micro, accum = cfg.engine.micro_batch, cfg.engine.grad_accum
-    last_save, started, step_tokens = time.monotonic(), time.monotonic(), micro * accum * world * seq_len
+    last_save, started, step_tokens = time.monotonic(), time.monotonic(), micro * accum * world * data.seq_len
     start_step, stopped = state.step, None
     while state.step < cfg.steps and stopped is None:
-        lr = lr_at(state.step, peak=cfg.optim.lr, floor=cfg.optim.lr * cfg.optim.min_lr_ratio,
-                   warmup=cfg.optim.warmup_steps, total=cfg.steps, kind=cfg.optim.schedule,
-                   decay_fraction=cfg.optim.decay_fraction)
-        for group in engine.optimizer.param_groups:
-            group["lr"] = lr
-        step_loss = torch.zeros((), device=device)
-        for m in range(accum):
-            rows, ids = stream.next_batch(m, rank, world, micro, accum)
-            loss = objective.loss(engine, torch.from_numpy(rows).to(device), ids)
-            engine.backward(loss)
-            engine.step()
-            step_loss += loss.detach() / accum
-        stream.advance(micro * accum * world)
+        lr = lr_at(state.step, cfg.optim, cfg.steps)
+        step_loss = _optimizer_step(engine, objective, data.stream, lr, micro, accum, rank, world, device)
         state.step += 1
         state.tokens += step_tokens
-        if state.step == start_step + 1 and (age := process_age_s()) is not None:
-            # What a requeue costs: process start (imports, rendezvous, load) to the first step done.
-            record("first_step", seconds_since_process_start=age, resumed=resumed is not None, world=world)
-            if main:
-                print(f"[train] first step {state.step} done {age:.1f} s after process start", flush=True)
+        if state.step == start_step + 1:
+            _record_first_step(log, resumed is not None, world)
         if state.step % cfg.log_every == 0 or state.step == cfg.steps:
-            loss_value = _mean_across_ranks(step_loss)
-            rate = (state.step - start_step) * step_tokens / max(time.monotonic() - started, 1e-9)
-            grad_norm = engine.get_global_grad_norm()
-            eta = (cfg.steps - state.step) * step_tokens / max(rate, 1e-9)
-            record("train", loss=loss_value, lr=lr, tokens=state.tokens, tokens_per_s=rate, eta_s=eta,
-                   grad_norm=None if grad_norm is None else float(grad_norm))
-            if main:
-                print(f"[train] step {state.step}/{cfg.steps} loss {loss_value:.4f} lr {lr:.2e} "
-                      f"{rate:,.0f} tok/s eta {eta / 60:.1f} min", flush=True)
+            _record_train(log, engine, cfg, step_loss, lr, step_tokens, state.step - start_step, started)
         metric, new_best = None, False
         if state.step % cfg.eval.every == 0 or state.step == cfg.steps:
-            metrics = evaluate(engine, val_sets, cfg.engine.micro_batch, device, rank, world)
+            metrics = evaluate(engine, data.val_sets, micro, device, rank, world)
             verdict = early.update(state.step, metrics)
             metric, new_best = metrics["domain_loss"], bool(verdict.get("best"))
-            record("eval", **metrics, **verdict)
+            log.record("eval", **metrics, **verdict)
             if verdict.get("stop"):
                 stopped = f"early stopping: no improvement in {cfg.eval.patience} evaluations"
-        minutes = (time.monotonic() - last_save) / 60
-        due = (cfg.checkpoint.every_steps and state.step % cfg.checkpoint.every_steps == 0) or (
-            cfg.checkpoint.every_minutes and minutes >= cfg.checkpoint.every_minutes) or (
-            new_best and cfg.export == "best")  # the best weights must exist as a checkpoint to be exported
+        due = checkpoint_due(cfg, state.step, (time.monotonic() - last_save) / 60, new_best)
         requested = stop.agree(device)
         if due or requested or stopped or state.step == cfg.steps:
-            save(requested or stopped or ("final" if state.step == cfg.steps else "scheduled"), metric)
+            reason = requested or stopped or ("final" if state.step == cfg.steps else "scheduled")
+            save_checkpoint(checkpoints, engine, state, data.stream, early, rank, metric, log, reason)
             last_save = time.monotonic()
         if requested:
-            leave(requested, "checkpoint saved")
+            _leave(stop, log, rank, cfg, requested, "checkpoint saved")
 
     # --- export -------------------------------------------------------------------------------------------------
-    source = checkpoints.best() if cfg.export == "best" and early.best is not None else None
-    result = export_model(engine, cfg, out / "export", source, device, rank, provenance={
-        "objective": objective.name, **(objective.extra or {}), "base_model": cfg.model.path,
-        "data_manifests": state.manifest_sha256, "steps": state.step, "tokens": state.tokens,
-        "validation": early.last, "stopped": stopped, "config_sha256": config_sha256})
-    if log is not None:
-        log.close()
-    final = early.last.get("domain_loss", math.nan)
-    return {"step": state.step, "tokens": state.tokens, "export": str(out / "export"), **result,
-            "final_domain_loss": None if math.isnan(final) else final}
+    log.close()
+    return _export(engine, cfg, paths, checkpoints, early, state, objective, stopped, device, rank)

@@ -27,9 +27,9 @@ from typing import Any
 import torch
 from rich.table import Table
 
+from common.publish import publish_bytes, publish_json
 from sharding.shards import Manifest
 from sharding.tokenize import tokenizer_fingerprint
-from slurm.files import write_atomic, write_json_atomic
 from training.data import OpenedSource
 
 PROMPT_TOKENS = 32  # greedy generation benchmark: a fixed prompt of this many tokens ...
@@ -56,7 +56,7 @@ def _png(figure: Any, path: Path) -> None:
     figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=110)
-    write_atomic(path, buffer.getvalue())
+    publish_bytes(path, buffer.getvalue())
 
 
 def device_name(device: torch.device) -> str:
@@ -356,7 +356,7 @@ def write_report(models: Mapping[str, Path], val_sets: Mapping[str, Path], out: 
         _plot_curves(metrics, out / "curves.png")
         images.append("curves.png")
     results["images"] = images
-    write_atomic(out / "report.md", _markdown(results, images).encode())
-    write_atomic(out / "index.html", _html(results, images).encode())
-    write_json_atomic(out / "results.json", results)  # last: its presence means the report is complete
+    publish_bytes(out / "report.md", _markdown(results, images).encode())
+    publish_bytes(out / "index.html", _html(results, images).encode())
+    publish_json(out / "results.json", results)  # last: its presence means the report is complete
     return results

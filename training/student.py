@@ -15,7 +15,6 @@ import copy
 import hashlib
 import itertools
 import json
-import os
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,7 +23,7 @@ from typing import Any
 
 import torch
 
-from slurm.files import fsync_dir, write_json_atomic
+from common.publish import publish_json, publishing_dir
 from training.engine import model_fingerprint
 from training.export import TOKENIZER_FILES
 
@@ -270,25 +269,19 @@ def student_from_teacher(teacher: Path, out: Path, *, layers: int | None = None,
         bridges = fit_bridges(model.eval(), student.eval(), kept, bridge_rows)
         provenance = {**(provenance or {}), "bridges": bridges, "bridge_rows": len(bridge_rows)}
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    # Readers see no folder or a complete one: every file is fsynced before the folder is renamed into place.
+    # No marker file (the folder's contents are what they always were); student.json is written last.
+    with publishing_dir(out, marker=None, replace=False) as tmp:
         # transformers 5 always writes safetensors; the flag keeps 4.x (still allowed by pyproject) off pickle.
         student.save_pretrained(tmp, safe_serialization=True)
         for name in TOKENIZER_FILES:  # the teacher's generation_config.json replaces the derived one
             if (teacher / name).is_file():
                 shutil.copy2(teacher / name, tmp / name)
-        write_json_atomic(tmp / "student.json", {
+        publish_json(tmp / "student.json", {
             "teacher": str(teacher.resolve()), "teacher_fingerprint": model_fingerprint(str(teacher)),
             "kept_layers": kept, "teacher_layers": n_teacher, "dtype": dtype,
             "params_teacher": sum(p.numel() for p in model.parameters()),
             "params_student": sum(p.numel() for p in student.parameters()), **(provenance or {})})
-        tmp.rename(out)  # readers see no folder or a complete one
-        fsync_dir(out.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

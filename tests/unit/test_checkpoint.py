@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from common.publish import temp_path
 from training.checkpoint import (
     COMPLETE,
     LATEST,
@@ -149,7 +150,8 @@ def test_prune_removes_garbage_older_than_the_newest_checkpoint_only(tmp_path: P
     (tmp_path / "step-0000000005.tmp").mkdir()  # killed mid-save long ago
     (tmp_path / "step-0000000007").mkdir()  # damaged (no COMPLETE), older than a valid one
     (tmp_path / "step-0000000099.tmp").mkdir()  # newer than anything complete: not ours to judge
-    (tmp_path / ".LATEST.tmp123").write_text("x")  # write_atomic killed before its rename
+    (tmp_path / ".LATEST.tmp.node-b.123").write_text("x")  # publish_bytes killed before its rename (another node)
+    temp_path(tmp_path / LATEST).write_text("x")  # ... and on this one
     ckpt.save(20, _files(b"abc"))
     assert sorted(p.name for p in tmp_path.iterdir()) == [LATEST, "step-0000000020", "step-0000000099.tmp"]
 
@@ -257,12 +259,12 @@ def test_two_ranks_save_one_checkpoint(tmp_path: Path) -> None:
 
 
 def test_train_state_round_trip_and_compatibility() -> None:
-    state = TrainState(step=120, tokens=983_040, loader={"shard": 3, "offset": [1, 2]}, scheduler={"last_epoch": 120},
-                       early_stop={"best": 2.1, "bad_evals": 1}, best_metric=2.1, best_step=100,
+    state = TrainState(step=120, tokens=983_040, loader={"shard": 3, "offset": [1, 2]},
+                       early_stop={"best": 2.1, "bad_evals": 1},
                        manifest_sha256=["a" * 64, "b" * 64], config_sha256="c" * 64, model_fingerprint="llama-1b",
                        tokenizer_sha256="d" * 64, seq_len=2048)
     d = json.loads(json.dumps(state.state_dict()))
-    assert d["version"] == 1
+    assert d["version"] == 2
     loaded = TrainState()
     loaded.load_state_dict(d)
     assert loaded == state
@@ -276,8 +278,19 @@ def test_train_state_round_trip_and_compatibility() -> None:
     assert reasons[2] == "model differs: checkpoint llama-1b, this run x"
 
 
+def test_train_state_of_version_1_loads_without_its_never_written_fields() -> None:
+    """A checkpoint written before version 2 (scheduler, best_metric, best_step always at their defaults)."""
+    current = TrainState(step=7, tokens=70, early_stop={"best": 1.5}, seq_len=16).state_dict()
+    old = {**current, "version": 1, "scheduler": {}, "best_metric": None, "best_step": None}
+    loaded = TrainState()
+    loaded.load_state_dict(old)
+    assert loaded.state_dict() == current
+    with pytest.raises(ValueError, match="version 2 has unknown fields: scheduler"):
+        TrainState().load_state_dict({**current, "scheduler": {}})
+
+
 @pytest.mark.parametrize(("change", "message"), [
-    ({"version": 2}, "train state version 2 is not supported"),
+    ({"version": 3}, "train state version 3 is not supported"),
     ({"version": None}, "train state version None is not supported"),
     ({"epoch": 1}, "unknown fields: epoch"),
 ])

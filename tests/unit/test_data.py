@@ -9,7 +9,8 @@ import pytest
 
 from sharding.shards import Manifest, ShardReader, ShardWriter
 from sharding.tokenize import tokenizer_fingerprint
-from training.data import DataConfig, DataError, EvalSet, MixedStream, OpenedSource, check_compatible, open_sources
+from training.config import DataConfig
+from training.data import DataError, EvalSet, MixedStream, OpenedSource, check_compatible, open_sources
 
 TOKENIZER = "a" * 64
 

@@ -12,36 +12,18 @@ of these does not match its training data.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from common.publish import COMPLETE, publish_bytes
 from sharding.shards import Manifest, ShardInfo, ShardWriter, sha256_file
-from slurm.files import write_atomic
-from slurm.resources import Resources
+from training.config import TeacherLogitsConfig
 from training.data import DataError, OpenedSource
 from training.engine import load_model, model_fingerprint
 from training.kd import topk_logits
-
-COMPLETE = "COMPLETE"
-
-
-@dataclass(frozen=True)
-class TopkConfig:
-    resources: Resources = field(default_factory=Resources)  # per array element (one GPU each on a cluster)
-    teacher: str = ""  # the teacher's Hugging Face folder ("": this run's cpt export)
-    source: str = ""  # the token shard folder to cache logits for ("": this run's shard output)
-    k: int = 64  # logits kept per position (the rest of the distribution is dropped)
-    batch: int = 8  # sequences per teacher forward pass
-    tasks: int = 2  # job array elements; each takes every tasks-th token shard
-
-    def __post_init__(self) -> None:
-        for name in ("k", "batch", "tasks"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
 
 
 def _outputs(out: Path, shard: ShardInfo) -> tuple[Path, Path]:
@@ -49,13 +31,13 @@ def _outputs(out: Path, shard: ShardInfo) -> tuple[Path, Path]:
     return out / f"{stem}.values.arrow", out / f"{stem}.indices.arrow"
 
 
-def compute(cfg: TopkConfig, teacher: Path, source: Path, out: Path, element: int) -> dict[str, Any]:
+def compute(cfg: TeacherLogitsConfig, teacher: Path, source: Path, out: Path, element: int) -> dict[str, Any]:
     """Array element `element`: the top-k logits of its token shards."""
     if (out / COMPLETE).exists():
         return {"skipped": "cache complete"}
     manifest = Manifest.load(source)
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    model = load_model(str(teacher), "bf16" if device.type == "cuda" else "fp32", -1.0, False).to(device).eval()
+    model = load_model(str(teacher), "bf16" if device.type == "cuda" else "fp32").to(device).eval()
     vocab = int(getattr(model, "config").vocab_size)  # noqa: B009 (nn.Module does not declare config)
     if cfg.k > vocab:
         raise ValueError(f"k = {cfg.k} exceeds the teacher's vocabulary of {vocab}")
@@ -82,7 +64,7 @@ def compute(cfg: TopkConfig, teacher: Path, source: Path, out: Path, element: in
     return {"shards": done}
 
 
-def index(cfg: TopkConfig, teacher: Path, source: Path, out: Path) -> dict[str, Any]:
+def index(cfg: TeacherLogitsConfig, teacher: Path, source: Path, out: Path) -> dict[str, Any]:
     """The single last task: checksum every cache file into the cache's manifest, then COMPLETE."""
     if (out / COMPLETE).exists():
         return {"skipped": "cache complete"}
@@ -101,7 +83,7 @@ def index(cfg: TopkConfig, teacher: Path, source: Path, out: Path) -> dict[str, 
                             "token_shards": [s.sha256 for s in tokens.split_shards("train")],
                             "teacher": str(teacher), "teacher_fingerprint": model_fingerprint(str(teacher))})
     manifest.save(out)
-    write_atomic(out / COMPLETE, f"{manifest.sha256()}\n".encode())
+    publish_bytes(out / COMPLETE, f"{manifest.sha256()}\n".encode())
     return {"shards": len(infos) // 2}
 
 

@@ -1,0 +1,1 @@
+"""Small helpers every package may import; they import nothing of stillroom's."""

@@ -1,0 +1,135 @@
+"""Publishing files and folders: a reader, a requeued task or another node sees the old version or the whole new
+one, never part of one.
+
+The protocol is the same everywhere: write under a temporary sibling name, fsync the data, rename over the final
+name, fsync the parent folder (the rename is durable only once the directory entry is on disk). A folder is
+fsynced file by file and gets its completion marker written last, inside it, before the rename.
+
+Temporary names carry the host and the pid: tasks on several nodes share one filesystem, and pids repeat across
+nodes, so a pid alone would let two writers on two nodes truncate each other's temp file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+COMPLETE = "COMPLETE"  # the default completion marker of a published folder
+
+
+def temp_path(path: Path) -> Path:
+    """A sibling of `path` that no other writer (process or node) uses: `.name.tmp.<host>.<pid>`."""
+    return path.with_name(f".{path.name}.tmp.{socket.gethostname()}.{os.getpid()}")
+
+
+def fsync_path(path: Path) -> int:
+    """fsync a file or folder; returns its size as seen through the open descriptor.
+
+    Opening first matters on NFS: close-to-open consistency makes the size fresh even for a file another node
+    wrote, where a plain stat() could answer from the attribute cache.
+    """
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        return os.fstat(fd).st_size
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(folder: Path) -> dict[str, int]:
+    """fsync every file and folder under `folder`, children before parents; returns {relative path: size}."""
+    sizes: dict[str, int] = {}
+    for dirpath, _dirnames, filenames in sorted(os.walk(folder), reverse=True):
+        for filename in sorted(filenames):
+            path = Path(dirpath) / filename
+            sizes[path.relative_to(folder).as_posix()] = fsync_path(path)
+        fsync_path(Path(dirpath))
+    return dict(sorted(sizes.items()))
+
+
+def commit_file(tmp: Path, path: Path) -> None:
+    """Publish the finished file `tmp` as `path`: fsync, rename over it, fsync the folder."""
+    fsync_path(tmp)
+    os.replace(tmp, path)
+    fsync_path(path.parent)
+
+
+@contextlib.contextmanager
+def publishing_path(path: Path) -> Iterator[Path]:
+    """Yields the temp path to write `path` through (for writers that open files by name, e.g. pyarrow); on a
+    clean exit it is published, on an error removed and `path` left as it was."""
+    tmp = temp_path(path)
+    try:
+        yield tmp
+        commit_file(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def publishing(path: Path) -> Iterator[IO[bytes]]:
+    """`with publishing(path) as f: f.write(...)`: the file appears whole at `path` when the block ends."""
+    with publishing_path(path) as tmp, tmp.open("wb") as f:
+        yield f
+
+
+def publish_bytes(path: Path, data: bytes) -> None:
+    with publishing(path) as f:
+        f.write(data)
+
+
+def publish_json(path: Path, data: Any) -> None:
+    publish_bytes(path, (json.dumps(data, indent=1, sort_keys=True) + "\n").encode())
+
+
+@contextlib.contextmanager
+def publishing_dir(path: Path, marker: str | None = COMPLETE, marker_data: Any = None, *,
+                   replace: bool = True) -> Iterator[Path]:
+    """Yields an empty temp folder to fill; on a clean exit it becomes `path`, replacing an older one.
+
+    Every file in it is fsynced, then `marker` is written last inside it (`marker_data` verbatim if it is bytes,
+    else its JSON, or "ok" when None), then the folder is renamed into place. An older `path` is first moved
+    aside, not deleted, so that a kill between the two renames leaves the old folder under a temp name rather
+    than half of either; should the second rename fail, the old folder is moved back. On an error the temp
+    folder is removed and `path` left as it was. With `replace=False` an existing `path` is never touched: the
+    publication fails with FileExistsError instead.
+    """
+    tmp = temp_path(path)
+    shutil.rmtree(tmp, ignore_errors=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        fsync_tree(tmp)
+        if marker is not None:
+            if marker_data is None:
+                body = b"ok\n"
+            elif isinstance(marker_data, bytes):
+                body = marker_data
+            else:
+                body = (json.dumps(marker_data, indent=1, sort_keys=True) + "\n").encode()
+            publish_bytes(tmp / marker, body)
+        old = path.with_name(f".{path.name}.old.{socket.gethostname()}.{os.getpid()}")
+        moved = False
+        if path.exists():
+            if not replace:
+                raise FileExistsError(f"{path} already exists; not replacing it")
+            shutil.rmtree(old, ignore_errors=True)  # from an earlier kill; rename cannot replace a full folder
+            os.rename(path, old)
+            moved = True
+        try:
+            os.rename(tmp, path)
+        except BaseException:
+            if moved:
+                os.rename(old, path)
+            raise
+        fsync_path(path.parent)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
