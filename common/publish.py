@@ -28,6 +28,23 @@ def temp_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp.{socket.gethostname()}.{os.getpid()}")
 
 
+def remove_stale_temps(folder: Path, name: str = "*") -> int:
+    """Remove what killed writers left in `folder`: the temp files and folders of `name` (every name by
+    default), `.name.tmp.<host>.<pid>` and `.name.old.<host>.<pid>`; returns how many.
+
+    Only where one writer at a time publishes (a stage's single owner: an export, a reduce): the temp of another
+    live writer would go too. Temp names are unique per host and process, so without this a requeue on another
+    node would leave a killed attempt's temp (a whole model export) on disk for good.
+    """
+    stale = [*folder.glob(f".{name}.tmp.*"), *folder.glob(f".{name}.old.*")] if folder.is_dir() else []
+    for path in stale:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    return len(stale)
+
+
 def fsync_path(path: Path) -> int:
     """fsync a file or folder; returns its size as seen through the open descriptor.
 
@@ -98,10 +115,11 @@ def publishing_dir(path: Path, marker: str | None = COMPLETE, marker_data: Any =
     aside, not deleted, so that a kill between the two renames leaves the old folder under a temp name rather
     than half of either; should the second rename fail, the old folder is moved back. On an error the temp
     folder is removed and `path` left as it was. With `replace=False` an existing `path` is never touched: the
-    publication fails with FileExistsError instead.
+    publication fails with FileExistsError instead. One writer at a time publishes a given folder, so what
+    killed writers of `path` left beside it is removed first (`remove_stale_temps`).
     """
     tmp = temp_path(path)
-    shutil.rmtree(tmp, ignore_errors=True)
+    remove_stale_temps(path.parent, path.name)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp.mkdir()
     try:

@@ -184,8 +184,8 @@ def _launch(args: argparse.Namespace, console: Console) -> int:
 
 
 def _holds_other_config(cfg: RunConfig) -> bool:
-    path = cfg.run_dir / "config.toml"
-    return path.exists() and config_hash(RunDir(cfg.run_dir).load_config()) != config_hash(cfg)
+    run = RunDir(cfg.run_dir)
+    return run.config_path.exists() and config_hash(run.load_config()) != config_hash(cfg)
 
 
 def _inspect(args: argparse.Namespace, console: Console) -> int:

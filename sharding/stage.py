@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from common.publish import commit_file, publish_bytes, publish_json, temp_path
+from common.publish import commit_file, publish_bytes, publish_json, remove_stale_temps, temp_path
 from sharding.clean import build_steps
 from sharding.config import ShardConfig
 from sharding.dedup import DedupIndex, find_duplicates
@@ -174,6 +174,7 @@ def reduce_shards(cfg: ShardConfig, out: Path, data_hash: str) -> dict[str, Any]
     """The single reduce task: global dedup over all work files (and earlier rounds), then pack."""
     if (out / COMPLETE).exists():
         return json.loads((out / "stats.json").read_text())  # type: ignore[no-any-return]
+    remove_stale_temps(out)  # the reduce is the folder's only writer: temp shards of a killed attempt
     files = expand_inputs(cfg.inputs)
     missing = [i for i in range(len(files)) if not work_paths(out, i)[2].exists()]
     if missing:

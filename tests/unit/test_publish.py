@@ -15,6 +15,7 @@ from common.publish import (
     publishing,
     publishing_dir,
     publishing_path,
+    remove_stale_temps,
     temp_path,
 )
 
@@ -205,3 +206,26 @@ def test_a_folder_that_must_not_be_replaced_is_left_alone(tmp_path: Path) -> Non
     with publishing_dir(tmp_path / "fresh", marker=None, replace=False) as tmp:
         (tmp / "model.bin").write_bytes(b"mine")
     assert _tree(tmp_path / "fresh") == {"model.bin": b"mine"}
+
+
+def test_what_killed_writers_left_is_removed_before_a_folder_is_published(tmp_path: Path) -> None:
+    """A killed export on another node leaves `.export.tmp.<host>.<pid>`: the next publication removes it, and
+    leaves other names' temps alone."""
+    for leftover in (".export.tmp.node7.4242", ".export.old.node7.4242"):
+        (tmp_path / leftover).mkdir()
+        (tmp_path / leftover / "model.safetensors").write_bytes(b"x" * 1000)
+    (tmp_path / ".other.tmp.node7.4242").write_bytes(b"not ours")
+    with publishing_dir(tmp_path / "export") as tmp:
+        (tmp / "config.json").write_text("{}")
+    assert _names(tmp_path) == [".other.tmp.node7.4242", "export"]
+
+
+def test_remove_stale_temps_of_every_name_in_a_folder_with_one_writer(tmp_path: Path) -> None:
+    (tmp_path / ".train-00000.arrow.tmp.node1.77").write_bytes(b"half a shard")
+    (tmp_path / ".manifest.json.tmp.node2.78").write_bytes(b"{")
+    (tmp_path / "train-00001.arrow").write_bytes(b"whole")
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / ".00000.tokens.arrow.tmp.node1.77").write_bytes(b"a map task's, one level down")
+    assert remove_stale_temps(tmp_path) == 2
+    assert _names(tmp_path) == ["train-00001.arrow", "work"]
+    assert _names(tmp_path / "work") == [".00000.tokens.arrow.tmp.node1.77"]
