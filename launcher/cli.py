@@ -292,8 +292,13 @@ def _config(args: argparse.Namespace, console: Console) -> int:
 
 
 def _cancel(args: argparse.Namespace, console: Console) -> int:
-    ids = cancel(RunDir.find(args.run))
+    run = RunDir.find(args.run)
+    ids, alive = cancel(run)
     console.print(f"cancelled {len(ids)} job(s): {', '.join(ids) or 'none left running'}")
+    if alive:
+        console.print(f"[red]the scheduler still reports job(s) {', '.join(alive)} alive; their stages stay as "
+                      f"they were: run `stillroom cancel {run.path}` again, or scancel them[/]")
+        return 1
     return 0
 
 

@@ -3,6 +3,9 @@
     <root>/
       config.toml            resolved config, the sha256 of its canonical form in the first line
       state.json             per stage: status, executor, job ids, tasks done, attempts, timestamps
+      .state.lock            held for each read-modify-write of state.json (launcher/lock.py)
+      .run.lock              held by submit, run and cancel from reading the state to recording their jobs
+      .lock-kind             "flock" or "file": how this run directory locks, decided when it was created
       logs/<stage>/          submitit's folder: one stdout/stderr log per job and task
       <stage>/               what the stage writes, and nothing else writes there
         export/              cpt, distill: the Hugging Face model, COMPLETE inside once whole
@@ -36,6 +39,14 @@ class RunLayout:
     @property
     def state_lock(self) -> Path:
         return self.root / ".state.lock"
+
+    @property
+    def run_lock(self) -> Path:
+        return self.root / ".run.lock"
+
+    @property
+    def lock_kind(self) -> Path:
+        return self.root / ".lock-kind"
 
     def stage(self, name: str) -> Path:
         return self.root / name

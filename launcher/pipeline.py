@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from rich.console import Console
@@ -10,7 +11,7 @@ from submitit.core.utils import FailedJobError, UncompletedJobError
 from launcher.run_config import RunConfig
 from launcher.rundir import RunDir, now_iso
 from launcher.stages import STAGES, StageTask, Step
-from slurm.executor import TERMINAL_STATES, Executor, JobSpec, SubmissionError, base_job_id
+from slurm.executor import NEVER_SATISFIED, TERMINAL_STATES, Executor, JobSpec, SubmissionError, base_job_id
 
 
 class PreflightError(ValueError):
@@ -35,16 +36,56 @@ def task_count(cfg: RunConfig, stage: str) -> int:
     return sum(step.task_count(cfg, cfg.stage_resources(stage)) for step in STAGES[stage].steps)
 
 
-def _live_jobs(executor: Executor, entry: dict[str, Any]) -> list[str]:
-    """Job ids of an earlier submission that the scheduler still runs or will run."""
-    if entry.get("executor") != executor.kind or entry.get("status") not in ("submitted", "running"):
-        return []
-    states = executor.states(entry.get("job_ids", []))
-    return [j for j, s in states.items() if s not in TERMINAL_STATES]
+def _scheduler_view(executor: Executor, entry: dict[str, Any]) -> dict[str, str]:
+    """The scheduler's state of every job id the stage recorded (ids it no longer knows have ended)."""
+    if entry.get("executor") != executor.kind or not entry.get("job_ids"):
+        return {}
+    return executor.states(entry["job_ids"])
+
+
+def _alive(entry: dict[str, Any], states: dict[str, str]) -> list[str]:
+    """Recorded jobs that still run or will run by themselves."""
+    return [j for j in entry.get("job_ids", []) if j in states and states[j] not in TERMINAL_STATES
+            and states[j] != NEVER_SATISFIED]
+
+
+# What each way of ending means for the user; the rerun resubmits the stage, which resumes from its saved state.
+_ENDED = {"FAILED": "failed", "CANCELLED": "was cancelled", "TIMEOUT": "ran out of time (and of requeues)",
+          "PREEMPTED": "was preempted and not requeued (the site's PreemptMode is CANCEL)",
+          "NODE_FAIL": "lost a node", "OUT_OF_MEMORY": "ran out of memory", "BOOT_FAIL": "could not boot its node",
+          "DEADLINE": "passed its deadline", NEVER_SATISFIED: "waited on a job that failed (DependencyNeverSatisfied)",
+          "COMPLETED": "ended without every task reporting done"}
+
+
+def _what_happened(entry: dict[str, Any], states: dict[str, str]) -> str:
+    ended = {j: states.get(j, "") for j in entry.get("job_ids", [])}
+    told = [f"job {j} {_ENDED.get(s, 'ended')}" + (f" ({s})" if s else "") for j, s in ended.items()
+            if s != "COMPLETED" or len(ended) == 1][:3]
+    return "; ".join(told) or f"its last submission ended as {entry.get('status')}"
+
+
+def _cancel_confirmed(executor: Executor, job_ids: list[str], timeout_s: float = 90.0) -> None:
+    """Cancel `job_ids` and wait until the scheduler reports every one ended; a job id is never forgotten
+    while it may still run."""
+    executor.cancel(job_ids)
+    deadline = time.monotonic() + timeout_s
+    while (left := [j for j, s in executor.states(job_ids).items() if s not in TERMINAL_STATES]):
+        if time.monotonic() > deadline:
+            raise StageFailed(f"cancelled jobs {', '.join(left)} but the scheduler still reports them "
+                              f"{', '.join(sorted(set(executor.states(left).values())))}; run the same command "
+                              "again once they have ended")
+        time.sleep(1.0)
 
 
 def preflight(cfg: RunConfig) -> None:
-    """Every stage's own input checks, so a typo fails now and not hours later in the queue."""
+    """Every stage's own input checks, so a typo fails now and not hours later in the queue: stages in pipeline
+    order, and each reading only what exists or what a stage before it in this run makes."""
+    order = [s for s in STAGES if s != "probe"]  # each reads what the ones before it write; probe reads nothing
+    listed = [s for s in cfg.run.stages if s != "probe"]
+    for before, after in zip(listed, listed[1:]):
+        if order.index(before) > order.index(after):
+            raise PreflightError(f"run.stages must follow the pipeline order {', '.join(order)} (probe anywhere): "
+                                 f"'{after}' is listed after '{before}' in {list(cfg.run.stages)}")
     for stage in cfg.run.stages:
         try:
             STAGES[stage].preflight(cfg)
@@ -54,34 +95,78 @@ def preflight(cfg: RunConfig) -> None:
 
 def launch(cfg: RunConfig, run: RunDir, executor: Executor, *, wait: bool, console: Console) -> None:
     """Submit every stage not yet completed. With `wait`, each stage must end before the next is
-    submitted (the local executor has no dependencies); otherwise stages chain with afterok."""
+    submitted (the local executor has no dependencies); otherwise stages chain with afterok.
+
+    Each stage is decided under the run lock, from every job id it recorded, whatever its recorded status:
+    jobs that still run are kept (and chained on); a stage whose jobs ended without completing is
+    resubmitted; once one stage is resubmitted, later stages' queued jobs wait on its dead jobs, so they are
+    cancelled (confirmed by the scheduler) and resubmitted after the new ones.
+    """
     after: tuple[str, ...] = ()
+    upstream_new = False
     for stage in cfg.run.stages:
-        entry = run.read_state()["stages"].get(stage, {})
-        if entry.get("status") == "completed":
-            console.print(f"[green]✓[/] {stage}: completed earlier, skipped")
-            continue
-        if live := _live_jobs(executor, entry):
-            console.print(f"[yellow]…[/] {stage}: jobs {', '.join(live)} already queued or running, not resubmitted")
-            after = tuple(sorted({base_job_id(j) for j in live}))
-            continue
-        run.update_stage(stage, status="submitted", executor=executor.kind, job_ids=[], tasks_done=[],
-                         tasks=task_count(cfg, stage), submitted_at=now_iso(), error=None)
-        for step in STAGES[stage].steps:
-            try:
-                jobs = executor.submit(job_spec(cfg, run, stage, step, after=() if wait else after))
-            except SubmissionError as e:
-                run.update_stage(stage, status="failed", error=str(e), finished_at=now_iso())
-                raise
-            ids = [job.job_id for job in jobs]
-            run.update_stage(stage, job_ids=run.read_state()["stages"][stage]["job_ids"] + ids)
-            label = stage if step.name == stage else f"{stage}.{step.name}"
-            console.print(f"[cyan]→[/] {label}: submitted as {executor.kind} job {', '.join(ids)}")
-            after = tuple(sorted({base_job_id(j) for j in ids}))
-            if wait:
+        with run.locked():
+            entry = run.read_state()["stages"].get(stage, {})
+            if entry.get("status") == "completed":
+                console.print(f"[green]✓[/] {stage}: completed earlier, skipped")
+                continue
+            states = _scheduler_view(executor, entry)
+            alive = _alive(entry, states)
+            if alive and not upstream_new:
+                if entry.get("status") == "failed":  # one array element failed while its siblings still run
+                    console.print(f"[red]✗[/] {stage}: {entry.get('error') or 'failed'}; jobs {', '.join(alive)} "
+                                  f"still run, so nothing is resubmitted: run the same command again once they "
+                                  f"end (stillroom status {run.path})")
+                    return
+                if wait:  # another `stillroom run` is running it: starting later stages here would race it
+                    console.print(f"[yellow]…[/] {stage}: jobs {', '.join(alive)} are running under another "
+                                  f"stillroom command; follow them with: stillroom status {run.path}")
+                    return
+                console.print(f"[yellow]…[/] {stage}: jobs {', '.join(alive)} already queued or running, "
+                              "not resubmitted")
+                after = tuple(sorted({base_job_id(j) for j in alive}))
+                continue
+            if doomed := [j for j in entry.get("job_ids", []) if j in states and states[j] not in TERMINAL_STATES]:
+                why = "waited on jobs of an earlier stage that was resubmitted" if upstream_new else \
+                    "waited on a job that failed"
+                _cancel_confirmed(executor, doomed)
+                console.print(f"[yellow]↻[/] {stage}: cancelled jobs {', '.join(doomed)}, which {why}")
+            elif entry.get("job_ids"):
+                console.print(f"[yellow]↻[/] {stage}: {_what_happened(entry, states)}; resubmitting: it resumes "
+                              "from its last valid state")
+            past = entry.get("past_job_ids", []) + entry.get("job_ids", [])  # all ended: kept, never dropped
+            run.update_stage(stage, status="submitted", executor=executor.kind, job_ids=[], past_job_ids=past,
+                             tasks_done=[], tasks=task_count(cfg, stage), submitted_at=now_iso(), error=None)
+            steps = STAGES[stage].steps
+            jobs, after = _submit_steps(cfg, run, executor, stage, steps[:1] if wait else steps,
+                                        () if wait else after, console)
+            upstream_new = True
+        if wait:  # no dependencies here: each step ends before the next is submitted (the lock is not held meanwhile)
+            _wait(run, stage, jobs, console)
+            for step in steps[1:]:
+                with run.locked():
+                    jobs, _ = _submit_steps(cfg, run, executor, stage, (step,), (), console)
                 _wait(run, stage, jobs, console)
-        if wait:
             _check_completed(run, stage, console)
+
+
+def _submit_steps(cfg: RunConfig, run: RunDir, executor: Executor, stage: str, steps: tuple[Step, ...],
+                  after: tuple[str, ...], console: Console) -> tuple[list[Any], tuple[str, ...]]:
+    """Submit `steps` of `stage`, each after the one before, and record their job ids."""
+    jobs: list[Any] = []
+    for step in steps:
+        try:
+            step_jobs = executor.submit(job_spec(cfg, run, stage, step, after=after))
+        except SubmissionError as e:
+            run.update_stage(stage, status="failed", error=str(e), finished_at=now_iso())
+            raise
+        ids = [job.job_id for job in step_jobs]
+        run.update_stage(stage, job_ids=run.read_state()["stages"][stage]["job_ids"] + ids)
+        label = stage if step.name == stage else f"{stage}.{step.name}"
+        console.print(f"[cyan]→[/] {label}: submitted as {executor.kind} job {', '.join(ids)}")
+        after = tuple(sorted({base_job_id(j) for j in ids}))
+        jobs += step_jobs
+    return jobs, after
 
 
 def _wait(run: RunDir, stage: str, jobs: list[Any], console: Console) -> None:

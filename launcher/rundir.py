@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from common.publish import publish_bytes, publish_json
+from common.publish import publish_bytes, publish_json, temp_path
 from launcher.config import config_hash, dump_toml, field_docs, to_plain
 from launcher.layout import RunLayout
+from launcher.lock import RunLock, probe_lock_kind
 from launcher.run_config import RunConfig, load_run_config
 
 STATE_VERSION = 1
@@ -86,14 +87,23 @@ class RunDir:
     @classmethod
     def create(cls, cfg: RunConfig) -> RunDir:
         """Create the run directory for `cfg`, or reopen it if it holds the same resolved config up to
-        changes of how it runs (resources, executor, batch split; `changes` lists them)."""
+        changes of how it runs (resources, executor, batch split; `changes` lists them). Under the run lock:
+        of two commands creating one run at once, the second reopens what the first created."""
         run = cls(cfg.run_dir.resolve())
+        run.path.mkdir(parents=True, exist_ok=True)
+        run._record_lock_kind()
+        with run.locked():
+            run._create_or_reopen(cfg)
+        return run
+
+    def _create_or_reopen(self, cfg: RunConfig) -> None:
+        run = self
         digest = config_hash(cfg)
         run.changes = []
         if run.config_path.exists():
             old = run.load_config()
             if config_hash(old) == digest:
-                return run
+                return
             changes = config_diff(old, cfg)
             refused = [c for c in changes if not resumable_change(c.split(":", 1)[0])]
             if refused:
@@ -102,13 +112,11 @@ class RunDir:
                                   f"(or another run.name)")
             run._write_config(cfg, digest)
             run.changes = changes
-            return run
-        for folder in (run.path, run.layout.logs("").parent):
-            folder.mkdir(parents=True, exist_ok=True)
+            return
+        run.layout.log_root.mkdir(parents=True, exist_ok=True)
         run._write_config(cfg, digest)
         publish_json(run.state_path, {"version": STATE_VERSION, "run": cfg.run.name, "config_sha256": digest,
                                       "created_at": now_iso(), "stages": {}})
-        return run
 
     def _write_config(self, cfg: RunConfig, digest: str) -> None:
         header = f"# stillroom resolved config, sha256 {digest}\n"
@@ -129,15 +137,36 @@ class RunDir:
                               "this run was made by another stillroom version")
         return state
 
+    @property
+    def lock_kind(self) -> str:
+        """How this run directory locks ("flock" or "file"); run directories older than the record used flock."""
+        try:
+            return self.layout.lock_kind.read_text().strip() or "flock"
+        except FileNotFoundError:
+            return "flock"
+
+    def _record_lock_kind(self) -> None:
+        """Probe once, at creation; of several creators at once the first link wins and all use its answer."""
+        if self.layout.lock_kind.exists():
+            return
+        mine = temp_path(self.layout.lock_kind)
+        mine.write_text(probe_lock_kind(self.path) + "\n")
+        with contextlib.suppress(FileExistsError):
+            os.link(mine, self.layout.lock_kind)
+        mine.unlink(missing_ok=True)
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """The run lock: held by submit, run and cancel from reading the state to recording their jobs, so two
+        of them at once cannot both decide that a stage needs submitting."""
+        with RunLock(self.layout.run_lock, self.lock_kind).held():
+            yield
+
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
-        # Tasks on several nodes update one file; flock works on local disks and on NFS (as fcntl locks).
-        with self.layout.state_lock.open("a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+        # Tasks on several nodes update one file: the lock must hold across nodes (launcher/lock.py).
+        with RunLock(self.layout.state_lock, self.lock_kind).held():
+            yield
 
     def update_stage(self, stage: str, **fields: Any) -> dict[str, Any]:
         """Merge `fields` into the stage's entry under the state lock; returns the new entry.

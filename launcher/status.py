@@ -90,16 +90,27 @@ def _short(stamp: str | None) -> str:
     return stamp[5:19].replace("T", " ") if stamp else ""
 
 
-def cancel(run: RunDir) -> list[str]:
-    """Cancel every job of every unfinished stage; returns the cancelled job ids."""
-    cancelled: list[str] = []
-    for stage, entry in run.read_state()["stages"].items():
-        if entry.get("status") in ("completed", "cancelled") or not entry.get("job_ids"):
-            continue
-        make_executor(entry["executor"]).cancel(entry["job_ids"])
-        run.update_stage(stage, status="cancelled", error="cancelled by stillroom cancel", finished_at=now_iso())
-        cancelled += entry["job_ids"]
-    return cancelled
+def cancel(run: RunDir, timeout_s: float = 90.0) -> tuple[list[str], list[str]]:
+    """Cancel every job of every unfinished stage, under the run lock. A stage is recorded cancelled only once
+    the scheduler reports all its jobs ended; returns (job ids confirmed ended, job ids still reported alive)."""
+    with run.locked():
+        entries = {s: e for s, e in run.read_state()["stages"].items()
+                   if e.get("status") not in ("completed", "cancelled") and e.get("job_ids")}
+        for entry in entries.values():
+            make_executor(entry["executor"]).cancel(entry["job_ids"])
+        deadline, alive = time.monotonic() + timeout_s, dict(entries)
+        while alive:
+            for stage, entry in list(alive.items()):
+                states = make_executor(entry["executor"]).states(entry["job_ids"])
+                if all(states.get(j, "ENDED") in TERMINAL_STATES or j not in states for j in entry["job_ids"]):
+                    run.update_stage(stage, status="cancelled", error="cancelled by stillroom cancel",
+                                     finished_at=now_iso())
+                    del alive[stage]
+            if not alive or time.monotonic() > deadline:
+                break
+            time.sleep(1.0)
+    confirmed = [j for s, e in entries.items() if s not in alive for j in e["job_ids"]]
+    return confirmed, [j for e in alive.values() for j in e["job_ids"]]
 
 
 def log_files(run: RunDir, stage: str, rank: int) -> list[Path]:

@@ -22,10 +22,15 @@ from slurm.resources import Resources, sbatch_parameters
 if TYPE_CHECKING:  # submitit loads in the methods that submit or render (status, logs, cancel never need it)
     import submitit
 
-# Slurm states after which a job will not run again by itself.
+# Slurm states after which a job will not run again by itself. PREEMPTED is one where the site's PreemptMode
+# is CANCEL; where it is REQUEUE the job is back in the queue, which squeue (asked first) reports.
 TERMINAL_STATES = frozenset(
-    {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE"}
+    {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE",
+     "PREEMPTED"}
 )
+# Not a Slurm state: a job still PENDING with reason DependencyNeverSatisfied (it waits afterok on a job that
+# failed), which sits in the queue until cancelled: alive to the scheduler, dead to the pipeline.
+NEVER_SATISFIED = "DEPENDENCY_NEVER_SATISFIED"
 
 
 class SubmissionError(RuntimeError):
@@ -123,20 +128,45 @@ class SlurmExecutor(Executor):
             raise SubmissionError(f"sbatch failed for job {spec.name!r}: {e}") from None
 
     def states(self, job_ids: Sequence[str]) -> dict[str, str]:
+        """squeue for jobs still queued or running (it knows why a job pends), sacct for the ones that ended.
+
+        Without accounting (sacct fails) the queue alone answers: a job it does not list has ended, state unknown.
+        """
         if not job_ids:
             return {}
         ids = ",".join(sorted({base_job_id(j) for j in job_ids}))
+        queued = parse_squeue_states(_run(["squeue", "-h", "-o", "%i|%T|%r", "-j", ids], "the queue (squeue)"))
         try:
-            out = subprocess.run(["sacct", "-n", "-P", "-X", "-o", "JobID,State", "-j", ids],
-                                 capture_output=True, text=True, timeout=60, check=True).stdout
-        except (OSError, subprocess.SubprocessError) as e:
-            raise SubmissionError(f"cannot read job states from Slurm accounting (sacct): {e}") from None
-        return parse_sacct_states(out)
+            ended = parse_sacct_states(_run(["sacct", "-n", "-P", "-X", "-o", "JobID,State", "-j", ids],
+                                            "Slurm accounting (sacct)"))
+        except SubmissionError:
+            return queued
+        return {**ended, **queued}
 
     def cancel(self, job_ids: Sequence[str]) -> None:
         ids = sorted({base_job_id(j) for j in job_ids})
         if ids:
+            # scancel's exit status is 0 for most failures; whether it worked is read back from the scheduler.
             subprocess.run(["scancel", *ids], capture_output=True, text=True, timeout=60, check=False)
+
+
+def _run(argv: list[str], what: str) -> str:
+    try:
+        return subprocess.run(argv, capture_output=True, text=True, timeout=60, check=True).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        raise SubmissionError(f"cannot read job states from {what}: {e}") from None
+
+
+def parse_squeue_states(text: str) -> dict[str, str]:
+    """`squeue -h -o "%i|%T|%r"` output -> {job id: STATE}, NEVER_SATISFIED for a job that will never start."""
+    lines = []
+    for line in text.splitlines():
+        job_id, _, rest = line.strip().partition("|")
+        state, _, reason = rest.partition("|")
+        if state == "PENDING" and reason.strip() == "DependencyNeverSatisfied":
+            state = NEVER_SATISFIED
+        lines.append(f"{job_id}|{state}")
+    return parse_sacct_states("\n".join(lines))
 
 
 def parse_sacct_states(text: str) -> dict[str, str]:

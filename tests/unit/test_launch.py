@@ -19,7 +19,7 @@ from rich.console import Console
 from launcher.pipeline import StageFailed, launch
 from launcher.run_config import RunConfig, load_run_config
 from launcher.rundir import RunDir
-from slurm.executor import SubmissionError
+from slurm.executor import NEVER_SATISFIED, SubmissionError
 from tests.fakes import FakeExecutor, FakeJob
 
 PIPELINE = ["shard", "cpt", "teacher_logits", "distill", "report"]
@@ -168,7 +168,6 @@ def test_launching_again_while_everything_is_queued_submits_nothing(tmp_path: Pa
 
 @pytest.mark.parametrize(("status", "sched"), [
     ("failed", "FAILED"),  # a task recorded its error
-    ("failed", "RUNNING"),  # as it is today: resubmitted while old elements still run, and they are not cancelled
     ("cancelled", "CANCELLED"),
     ("submitted", "FAILED"),  # killed from outside: the task could not record it
     ("submitted", "CANCELLED"),
@@ -291,8 +290,6 @@ def test_waiting_on_jobs_that_end_without_every_task_reporting_fails_the_stage(t
     assert fake.names == ["pipe.probe"]
 
 
-@pytest.mark.xfail(strict=True, reason="launch leaves a later stage's queued jobs alone although they wait afterok on "
-                                       "the failed submission of a stage it resubmits: they never start")
 def test_resubmitting_a_stage_resubmits_later_stages_still_waiting_on_its_old_jobs(tmp_path: Path) -> None:
     cfg, run = make_run(tmp_path, ["shard", "cpt"], "shard.tasks=2")
     # A map element failed; Slurm keeps the reduce and cpt PENDING (DependencyNeverSatisfied) forever.
@@ -302,10 +299,31 @@ def test_resubmitting_a_stage_resubmits_later_stages_still_waiting_on_its_old_jo
     fake = FakeExecutor()
     fake.set_state("500_0", "FAILED")
     fake.set_state("500_1", "COMPLETED")
-    fake.set_state("501", "PENDING")
-    fake.set_state("502", "PENDING")
-    run_launch(cfg, run, fake)
+    fake.set_state("501", NEVER_SATISFIED)  # what squeue's reason says of the reduce
+    fake.set_state("502", "PENDING")  # cpt waits on the reduce: dead too once shard is resubmitted
+    out = run_launch(cfg, run, fake)
 
-    assert fake.names[:2] == ["pipe.shard.map", "pipe.shard.reduce"]
-    assert "pipe.cpt.train" in fake.names, "cpt's old job waits on the failed shard submission and never starts"
+    assert fake.names == ["pipe.shard.map", "pipe.shard.reduce", "pipe.cpt.train"]
     assert fake.by_name("pipe.cpt.train").after == (fake.by_name("pipe.shard.reduce").base_id,)
+    assert fake.cancelled == ["501", "502"]  # nothing is left pending on a dead job
+    assert fake.state_of("501") == fake.state_of("502") == "CANCELLED"
+    stages = stages_of(run)
+    assert stages["shard"]["past_job_ids"] == ["500_0", "500_1", "501"]  # never dropped
+    assert stages["cpt"]["past_job_ids"] == ["502"] and stages["cpt"]["job_ids"] == ["1002"]
+    assert "cpt: cancelled jobs 502, which waited on jobs of an earlier stage that was resubmitted" in out
+
+
+def test_an_element_failed_while_its_siblings_run_submits_nothing_and_keeps_their_ids(tmp_path: Path) -> None:
+    cfg, run = make_run(tmp_path, ["shard", "cpt"], "shard.tasks=3")
+    ids = ["500_0", "500_1", "500_2", "501"]
+    run.update_stage("shard", status="failed", executor="slurm", job_ids=ids, tasks=4,
+                     error="map/element-0: ValueError: boom")
+    fake = FakeExecutor()
+    for job_id, state in zip(ids, ("FAILED", "RUNNING", "RUNNING", "PENDING"), strict=True):
+        fake.set_state(job_id, state)
+    before = stages_of(run)
+    out = run_launch(cfg, run, fake)
+
+    assert fake.names == [] and fake.cancelled == []
+    assert stages_of(run) == before  # the running elements' ids stay where cancel and status find them
+    assert "jobs 500_1, 500_2, 501 still run, so nothing is resubmitted" in out
