@@ -82,7 +82,7 @@ def preflight(cfg: RunConfig) -> None:
     order, and each reading only what exists or what a stage before it in this run makes."""
     order = [s for s in STAGES if s != "probe"]  # each reads what the ones before it write; probe reads nothing
     listed = [s for s in cfg.run.stages if s != "probe"]
-    for before, after in zip(listed, listed[1:]):
+    for before, after in zip(listed, listed[1:], strict=False):
         if order.index(before) > order.index(after):
             raise PreflightError(f"run.stages must follow the pipeline order {', '.join(order)} (probe anywhere): "
                                  f"'{after}' is listed after '{before}' in {list(cfg.run.stages)}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -9,7 +10,7 @@ from typing import Any, Literal
 from launcher.config import ConfigError, apply_overrides, build, read_toml
 from sharding.config import ShardConfig
 from slurm.probe import ProbeConfig
-from slurm.resources import Resources
+from slurm.resources import Resources, check_text
 from training.config import DistillConfig, TeacherLogitsConfig, TrainConfig
 from training.report_stage import ReportConfig
 
@@ -25,6 +26,9 @@ class RunSection:
     stages: tuple[str, ...] = ("probe",)  # stages to run, in this order
 
     def __post_init__(self) -> None:
+        # Both reach the sbatch script (job name, log paths): a newline there would start a shell command.
+        check_text("name", self.name)
+        check_text("root", self.root)
         if not self.name or "/" in self.name or self.name in {".", ".."}:
             raise ValueError(f"name must be a plain folder name, got {self.name!r}")
         unknown = [s for s in self.stages if s not in STAGE_SECTIONS]
@@ -55,15 +59,46 @@ class RunConfig:
 
 
 def load_run_config(path: Path | None, overrides: list[str] = []) -> RunConfig:  # noqa: B006 (never mutated)
-    """Defaults <- TOML file <- `a.b=c` overrides; then [resources] fills each stage's gaps."""
+    """Defaults <- TOML file <- `a.b=c` overrides; then [resources] fills each stage's gaps.
+
+    A component's own check that fails because of an override names that override, not the file."""
     raw: dict[str, Any] = read_toml(path) if path is not None else {}
+    source = str(path) if path is not None else "defaults"
+    try:
+        return _resolve(raw, overrides, source)
+    except ConfigError as e:
+        raise ConfigError(_one_line(_blame(raw, overrides, source, str(e)))) from None
+
+
+def _resolve(raw: dict[str, Any], overrides: list[str], source: str) -> RunConfig:
     data = apply_overrides(RunConfig, raw, overrides)
     defaults = data.get("resources", {})
     if not isinstance(defaults, dict):
-        raise ConfigError(f"{path}: resources must be a table (section)")
+        raise ConfigError(f"{source}: resources must be a table (section)")
     for stage in STAGE_SECTIONS:
         section = data.setdefault(stage, {})
         if isinstance(section, dict):
             own = section.get("resources", {})
             section["resources"] = {**defaults, **own} if isinstance(own, dict) else own
-    return build(RunConfig, data, str(path) if path is not None else "defaults")
+    return build(RunConfig, data, source)
+
+
+def _blame(raw: dict[str, Any], overrides: list[str], source: str, message: str) -> str:
+    """`message`, naming the first override that brings it about instead of the file (an error the file has
+    on its own stays the file's)."""
+    if not overrides or not message.startswith(f"{source}: "):
+        return message
+    for count in range(len(overrides) + 1):
+        try:
+            _resolve(raw, overrides[:count], source)
+        except ConfigError as e:
+            if str(e) == message:
+                if count == 0:
+                    return message
+                return f"override '{overrides[count - 1]}': {message.removeprefix(f'{source}: ')}"
+    return message
+
+
+def _one_line(message: str) -> str:
+    """Control characters of a value (an override's newline) shown escaped: config errors are one line."""
+    return "".join(repr(c)[1:-1] if unicodedata.category(c) in ("Cc", "Zl", "Zp") else c for c in message)

@@ -38,12 +38,15 @@ class QualityConfig:
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
-            if isinstance(value, int | float) and value < 0:
+            if isinstance(value, int | float) and not value >= 0:  # nan too
                 raise ValueError(f"{f.name} must not be negative, got {value}")
             if f.name.startswith(("max_dup", "max_top", "max_bullet", "max_ellipsis", "min_alpha")) and value > 1:
                 raise ValueError(f"{f.name} must be a fraction in [0, 1], got {value}")
         if self.min_words > self.max_words:
             raise ValueError(f"min_words must not exceed max_words ({self.min_words} > {self.max_words})")
+        if self.min_mean_word_length > self.max_mean_word_length:
+            raise ValueError(f"min_mean_word_length must not exceed max_mean_word_length "
+                             f"({self.min_mean_word_length} > {self.max_mean_word_length})")
 
 
 STEP_NAMES = ("normalize", "quality", "pii", "decontaminate")
@@ -172,6 +175,8 @@ class ShardConfig:
         for name in ("tasks", "shard_sequences", "encode_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.threads < 0:
+            raise ValueError(f"threads must not be negative, got {self.threads}")
 
     def data_config(self) -> dict[str, object]:
         """What decides the bytes of the output: everything but where and how parallel it runs.

@@ -6,6 +6,11 @@ element i % world, work files are named by input file, and everything the reduce
 only on the global document order, so the output is byte-identical for any number of tasks.
 Each input file's tally is written last, after its work files: it is the file's completion
 marker, and a requeued task starts again at the first file without one.
+
+The stage folder is bound to its inputs: the first task to start records the expanded input list
+(path, size, mtime_ns, in order) in inputs.json, and every later map attempt, the reduce and a rerun
+of the finished stage compare the current expansion with it and refuse any difference by name.
+Each tally names the input it was made from, so the reduce checks work files against that list too.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -22,18 +28,25 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from common.publish import commit_file, publish_bytes, publish_json, remove_stale_temps, temp_path
+from common.publish import commit_file, fsync_path, publish_bytes, publish_json, remove_stale_temps, temp_path
 from sharding.clean import build_steps
 from sharding.config import ShardConfig
 from sharding.dedup import DedupIndex, find_duplicates
 from sharding.documents import Doc, Tally
 from sharding.minhash import MinHasher, exact_hash
 from sharding.packing import pack_and_write
-from sharding.readers import expand_inputs, location, preflight, read_file
+from sharding.readers import InputError, expand_inputs, location, preflight, read_file
 from sharding.tokenize import load_tokenizer
 
 COMPLETE = "COMPLETE"
 WORK = "work"
+INPUTS = "inputs.json"  # the input files the stage folder is bound to, recorded at first use
+INPUTS_VERSION = 1
+_SHOWN = 3  # paths named per kind of change in an InputsChanged message
+
+
+class InputsChanged(InputError):
+    """The inputs expand differently from the list the stage folder recorded when it was first used."""
 
 
 def work_paths(out: Path, index: int) -> tuple[Path, Path, Path]:
@@ -42,12 +55,127 @@ def work_paths(out: Path, index: int) -> tuple[Path, Path, Path]:
     return stem.with_suffix(".dedup.arrow"), stem.with_suffix(".tokens.arrow"), stem.with_suffix(".tally.json")
 
 
-def check_inputs(cfg: ShardConfig) -> None:
-    """Everything that would stop the stage, checked before any job is submitted."""
+def check_inputs(cfg: ShardConfig, out: Path | None = None) -> None:
+    """Everything that would stop the stage, checked before any job is submitted; with the stage folder `out`,
+    also that the inputs still match the list it recorded (`check_recorded_inputs`)."""
     if not cfg.inputs:
         raise ValueError("shard.inputs is empty: give files, folders or globs of the corpus")
-    preflight(expand_inputs(cfg.inputs), cfg.reader)
+    files = expand_inputs(cfg.inputs)
+    if out is not None:
+        check_recorded_inputs(cfg, out, files)
+    preflight(files, cfg.reader)
     load_tokenizer(cfg.tokenizer, cfg.eos_token)
+
+
+# --- the inputs a stage folder is bound to ---------------------------------------------------------------------------
+
+def stat_inputs(files: Sequence[Path]) -> list[dict[str, Any]]:
+    """[{path, size, mtime_ns}] of the input files, in their order: one stat each, contents never read."""
+    listing = []
+    for path in files:
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            raise InputError(f"input '{path}' disappeared while the inputs were listed") from None
+        listing.append({"path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns})
+    return listing
+
+
+def publish_once(path: Path, data: Any) -> bool:
+    """Publish `data` as JSON at `path` unless a file is there already; True when this call wrote it.
+
+    Race-free across tasks and nodes: the whole file is written and fsynced under this writer's temp name,
+    then hard-linked to `path`, which fails with FileExistsError when another writer got there first
+    (a rename would silently replace it). Readers see no file or a whole one.
+    """
+    tmp = temp_path(path)
+    try:
+        with tmp.open("wb") as f:
+            f.write((json.dumps(data, indent=1, sort_keys=True) + "\n").encode())
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        fsync_path(path.parent)
+        return True
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _read_recorded(path: Path) -> list[dict[str, Any]]:
+    data = json.loads(path.read_text())
+    if data.get("version") != INPUTS_VERSION:
+        raise ValueError(f"{path}: unknown inputs list version {data.get('version')!r}")
+    return data["files"]  # type: ignore[no-any-return]
+
+
+def _listed(kind: str, paths: list[str]) -> str:
+    more = f", ... ({len(paths) - _SHOWN} more)" if len(paths) > _SHOWN else ""
+    return f"{len(paths)} {kind} ({', '.join(paths[:_SHOWN])}{more})"
+
+
+def input_changes(recorded: list[dict[str, Any]], current: list[dict[str, Any]]) -> str:
+    """What differs between two input lists, as one line ("" when they are equal): per kind of change its
+    count and first few paths. A rename is a removal and an addition."""
+    if recorded == current:
+        return ""
+    old, new = {e["path"]: e for e in recorded}, {e["path"]: e for e in current}
+    both = [p for p in new if p in old]
+    kinds = {
+        "added": [p for p in new if p not in old],
+        "removed": [p for p in old if p not in new],
+        "resized": [f"{p} {old[p]['size']} -> {new[p]['size']} bytes" for p in both
+                    if old[p]["size"] != new[p]["size"]],
+        "modified": [p for p in both if old[p]["size"] == new[p]["size"] and old[p]["mtime_ns"] != new[p]["mtime_ns"]],
+    }
+    return "; ".join(_listed(kind, paths) for kind, paths in kinds.items() if paths) or \
+        "the same files in another order"
+
+
+def _changed(out: Path, recorded: list[dict[str, Any]], changes: str) -> InputsChanged:
+    return InputsChanged(
+        f"the shard inputs differ from the {len(recorded)} files recorded in {out / INPUTS} when this run's shard "
+        f"stage started: {changes}. A run is bound to the inputs it started with; to ingest new data, start a new "
+        f"run (another run.name) whose shard.dedup.previous lists \"{out}\" (its documents are deduplicated "
+        f"against this run's), or delete {out} to redo this run from scratch")
+
+
+def record_inputs(out: Path, patterns: Sequence[str], current: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The input list of the stage folder `out`: `current` (from `stat_inputs`) is recorded if none is yet,
+    the first writer winning a race (`publish_once`); raises InputsChanged when the recorded list differs."""
+    path = out / INPUTS
+    if not path.exists():
+        publish_once(path, {"version": INPUTS_VERSION, "patterns": list(patterns), "files": current})
+    recorded = _read_recorded(path)
+    if changes := input_changes(recorded, current):
+        raise _changed(out, recorded, changes)
+    return recorded
+
+
+def bind_inputs(cfg: ShardConfig, out: Path) -> list[dict[str, Any]]:
+    """Expand and stat the inputs now, record them at first use, and return the recorded list (or refuse)."""
+    return record_inputs(out, cfg.inputs, stat_inputs(expand_inputs(cfg.inputs)))
+
+
+def check_recorded_inputs(cfg: ShardConfig, out: Path, files: Sequence[Path] | None = None) -> None:
+    """Raise InputsChanged when the stage folder `out` has recorded inputs and `cfg.inputs` (or the already
+    expanded `files`) no longer match them; nothing is written. For a completed stage's rerun and the preflight."""
+    path = out / INPUTS
+    if not path.exists():
+        return  # not started yet (or made before inputs were recorded): nothing to compare with
+    recorded = _read_recorded(path)
+    if changes := input_changes(recorded, stat_inputs(expand_inputs(cfg.inputs) if files is None else files)):
+        raise _changed(out, recorded, changes)
+
+
+def _tally_source(out: Path, index: int) -> Any:
+    """The input a finished work file was made from (its tally's "source"); None when it is not finished."""
+    try:
+        return json.loads(work_paths(out, index)[2].read_text()).get("source")
+    except FileNotFoundError:
+        return None
 
 
 def in_validation(group: str, fraction: float) -> bool:
@@ -81,21 +209,26 @@ class _Progress:
 def map_files(cfg: ShardConfig, out: Path, rank: int, world: int) -> dict[str, Any]:
     """Array element `rank` of `world`: clean, hash and tokenize every input file i with i % world == rank."""
     if (out / COMPLETE).exists():
+        check_recorded_inputs(cfg, out)  # a finished stage whose inputs changed since must not look current
         return {"skipped": "stage already complete"}
+    (out / WORK).mkdir(parents=True, exist_ok=True)
+    try:
+        recorded = bind_inputs(cfg, out)
+    except InputsChanged as e:
+        raise InputsChanged(f"{e}. Map task {rank}/{world} stopped before reading any input: this attempt "
+                            "wrote no work file") from None
     threads = cfg.threads or cfg.resources.cpus_per_task
     os.environ.setdefault("RAYON_NUM_THREADS", str(threads))  # read when the tokenizer first runs in parallel
-    files = expand_inputs(cfg.inputs)
     tokenizer, _ = load_tokenizer(cfg.tokenizer, cfg.eos_token)
     steps = build_steps(cfg.clean, cfg.reader.text_field)
     hasher = MinHasher(cfg.dedup.minhash)
-    (out / WORK).mkdir(parents=True, exist_ok=True)
     progress = _Progress(f"map {rank}/{world}")
     done = 0
     with ThreadPoolExecutor(max_workers=1) as pool:
-        for index in range(rank, len(files), world):
-            if work_paths(out, index)[2].exists():
-                continue  # finished by an earlier attempt
-            _map_file(files[index], index, cfg=cfg, out=out, tokenizer=tokenizer, steps=steps, hasher=hasher,
+        for index in range(rank, len(recorded), world):
+            if _tally_source(out, index) == recorded[index]:
+                continue  # finished by an earlier attempt, from this very file
+            _map_file(recorded[index], index, cfg=cfg, out=out, tokenizer=tokenizer, steps=steps, hasher=hasher,
                       pool=pool, progress=progress)
             done += 1
     progress.report(f"{done} files")
@@ -123,9 +256,11 @@ def _encode(cfg: ShardConfig, docs: list[Doc], tokenizer: Any, hasher: MinHasher
     return dedup, tokens
 
 
-def _map_file(path: Path, index: int, *, cfg: ShardConfig, out: Path, tokenizer: Any, steps: list[Any],
-              hasher: MinHasher, pool: ThreadPoolExecutor, progress: _Progress) -> None:
-    """Input file `index` (at `path`) to its work files, then its tally: the file's completion marker."""
+def _map_file(source: dict[str, Any], index: int, *, cfg: ShardConfig, out: Path, tokenizer: Any,
+              steps: list[Any], hasher: MinHasher, pool: ThreadPoolExecutor, progress: _Progress) -> None:
+    """Input file `index` (`source`, its recorded {path, size, mtime_ns}) to its work files, then its tally, the
+    file's completion marker, which names the source."""
+    path = Path(source["path"])
     dedup_path, tokens_path, tally_path = work_paths(out, index)
     temps = {target: temp_path(target) for target in (dedup_path, tokens_path)}  # pyarrow writes them by name
     tally = Tally()
@@ -167,19 +302,24 @@ def _map_file(path: Path, index: int, *, cfg: ShardConfig, out: Path, tokenizer:
             commit_file(temps[target], target)
         else:
             target.unlink(missing_ok=True)  # a file with no surviving document has no work files
-    publish_json(tally_path, tally.state_dict())
+    if changes := input_changes([source], stat_inputs([path])):
+        raise InputsChanged(f"input {index} changed while it was read ({changes}); its tally is not written")
+    publish_json(tally_path, {**tally.state_dict(), "source": source})
 
 
 def reduce_shards(cfg: ShardConfig, out: Path, data_hash: str) -> dict[str, Any]:
     """The single reduce task: global dedup over all work files (and earlier rounds), then pack."""
     if (out / COMPLETE).exists():
+        check_recorded_inputs(cfg, out)  # the finished stage's inputs changed since: not a silent success
         return json.loads((out / "stats.json").read_text())  # type: ignore[no-any-return]
     remove_stale_temps(out)  # the reduce is the folder's only writer: temp shards of a killed attempt
-    files = expand_inputs(cfg.inputs)
-    missing = [i for i in range(len(files)) if not work_paths(out, i)[2].exists()]
+    recorded = bind_inputs(cfg, out)  # the current expansion must match; the recorded list is what is used
+    files = [Path(e["path"]) for e in recorded]
+    missing = [i for i in range(len(files)) if _tally_source(out, i) != recorded[i]]
     if missing:
         raise RuntimeError(f"the map step has not finished {len(missing)} of {len(files)} input files "
-                           f"(first: {files[missing[0]]}); rerun the stage")
+                           f"(first: {files[missing[0]]}; a tally made from another file counts as unfinished); "
+                           "rerun the stage")
     tally = Tally()
     for i in range(len(files)):
         tally.merge(Tally.from_state_dict(json.loads(work_paths(out, i)[2].read_text())))
@@ -190,9 +330,25 @@ def reduce_shards(cfg: ShardConfig, out: Path, data_hash: str) -> dict[str, Any]
     for row, reason, rep in verdict.dropped():
         original = "an earlier round" if rep < 0 else location(files[current.file_index[rep]], current.record[rep])
         tally.drop(reason, location(files[current.file_index[row]], current.record[row]), f"duplicate of {original}")
+    tally.docs_kept = int(verdict.keep.sum())
+
+    def accounting() -> str:  # the summary table's document rows, on one line for state.json and the CLI
+        dropped = ", ".join(f"{reason} {count:,}" for reason, count in tally.dropped.most_common())
+        return (f"{tally.docs_in:,} documents read from {len(files)} file(s), {tally.docs_kept:,} kept"
+                + (f"; dropped: {dropped}" if dropped else ""))
+
+    # An empty output would be published as COMPLETE and fail only in the stage that reads it, hours later.
+    if tally.docs_kept == 0:
+        raise RuntimeError(f"shard: no document survived cleaning and deduplication ({accounting()}); "
+                           "check shard.inputs and shard.reader.text_field, or loosen shard.clean")
     manifest, tokens = pack_and_write(cfg, out, current, verdict.keep, info, data_hash,
                                       [work_paths(out, i)[1] for i in range(len(files))])
-    tally.docs_kept = int(verdict.keep.sum())
+    for split in ("train", "val") if cfg.val_fraction > 0 else ("train",):
+        if not manifest.split_shards(split):
+            held = f"{tokens[split]['docs']:,} documents, {tokens[split]['doc_tokens']:,} tokens"
+            hint = "raise shard.val_fraction or lower shard.seq_len" if split == "val" else "lower shard.seq_len"
+            raise RuntimeError(f"shard: the {split} split is empty ({held}: not one sequence of seq_len "
+                               f"{cfg.seq_len}); {hint} ({accounting()})")
     if tally.docs_in != tally.docs_kept + sum(tally.dropped.values()):
         raise AssertionError(f"document accounting is off: {tally.docs_in} read, {tally.docs_kept} kept, "
                              f"{sum(tally.dropped.values())} dropped")

@@ -30,8 +30,12 @@ class ProbeConfig:
 
     def __post_init__(self) -> None:
         for name in ("array_size", "steps", "step_seconds"):
-            if getattr(self, name) < 0:
+            if not getattr(self, name) >= 0:  # nan too
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
+        if self.step_seconds == float("inf"):
+            raise ValueError("step_seconds must be finite, got inf")
+        if self.fail_rank < -1:
+            raise ValueError(f"fail_rank must be a rank or -1 (none), got {self.fail_rank}")
 
 
 def _all_reduce_ranks(env: TaskEnv) -> int:

@@ -2,13 +2,71 @@
 
 from __future__ import annotations
 
+import math
 import re
 import signal as signals
+import unicodedata
 from dataclasses import dataclass, field
 from typing import Any
 
 # Names only: submitit's task side looks the name up in the signal module, so a number would fail there.
 _SIGNAL = re.compile(r"^(SIG)?(USR1|USR2|TERM|INT|HUP|URG|CONT)$")
+
+# What submitit writes as `#SBATCH --<key>` unquoted: letters, digits and dashes only, or the line says more.
+_SBATCH_KEY = re.compile(r"^[a-z0-9][a-z0-9-]*$")
+
+# sbatch options stillroom writes itself, with the field that sets each: one set again in sbatch_extra would
+# win over stillroom's, and the job would run with settings the launcher does not know (another preemption
+# signal than submitit waits for, another task count, logs elsewhere).
+MANAGED_SBATCH = {
+    "signal": "use resources.signal and resources.signal_lead_s",
+    "time": "use resources.time_min",
+    "nodes": "use resources.nodes",
+    "ntasks-per-node": "use resources.tasks_per_node",
+    "ntasks": "use resources.nodes and resources.tasks_per_node",
+    "cpus-per-task": "use resources.cpus_per_task",
+    "gpus-per-node": "use resources.gpus_per_node",
+    "gpus": "use resources.gpus_per_node",
+    "mem": "use resources.mem_gb",
+    "partition": "use resources.partition",
+    "account": "use resources.account",
+    "qos": "use resources.qos",
+    "constraint": "use resources.constraint",
+    **{name: "stillroom sets it" for name in ("dependency", "array", "output", "error", "requeue", "no-requeue",
+                                              "job-name", "open-mode", "wckey")},
+}
+# sbatch's one-letter spellings of the options above.
+_ALIASES = {"t": "time", "J": "job-name", "o": "output", "e": "error", "a": "array", "d": "dependency",
+            "N": "nodes", "n": "ntasks-per-node", "c": "cpus-per-task", "p": "partition", "A": "account",
+            "q": "qos", "C": "constraint"}
+
+
+def check_text(name: str, value: str) -> None:
+    """Refuse control characters (newline, CR, NUL, tab, ...): in an sbatch script a newline ends the #SBATCH
+    line and starts a shell command."""
+    if any(unicodedata.category(c) in ("Cc", "Zl", "Zp") for c in value):
+        raise ValueError(f"{name} must not contain control characters such as a newline, got {value!r}")
+
+
+def _check_sbatch_extra(key: str, value: str) -> None:
+    check_text(f"sbatch_extra key {key!r}", key)
+    check_text(f"sbatch_extra.{key}", value)
+    bare = key.lstrip("-")
+    if len(bare) == 1 and bare in _ALIASES:
+        name = _ALIASES[bare]
+        raise ValueError(f"sbatch_extra may not set {key!r} (sbatch's -{bare}, --{name}): {MANAGED_SBATCH[name]}")
+    if len(bare) == 1:
+        raise ValueError(f"sbatch_extra key {key!r}: give the long option name (a key is written as --{bare})")
+    option = bare.replace("_", "-").lower()
+    # sbatch takes any unambiguous abbreviation of a long option: `sig` is --signal.
+    taken = option if option in MANAGED_SBATCH else next(
+        (name for name in MANAGED_SBATCH if option and name.startswith(option)), None)
+    if taken is not None:
+        spelled = "" if option == taken else f" (sbatch may read it as --{taken})"
+        raise ValueError(f"sbatch_extra may not set {key!r}{spelled}: {MANAGED_SBATCH[taken]}")
+    if not _SBATCH_KEY.match(key.replace("_", "-")):
+        raise ValueError(f"sbatch_extra key {key!r} is not a long sbatch option name without its dashes "
+                         "(lower-case letters, digits, - and _), e.g. exclusive or reservation")
 
 
 @dataclass(frozen=True)
@@ -39,6 +97,17 @@ class Resources:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
         if not _SIGNAL.match(self.signal):
             raise ValueError(f"signal must be a signal name such as USR2, got {self.signal!r}")
+        if not (math.isfinite(self.mem_gb) and self.mem_gb >= 0):
+            raise ValueError(f"mem_gb must be 0 or more, got {self.mem_gb}")
+        if self.signal_lead_s >= self.time_min * 60:
+            raise ValueError(f"signal_lead_s ({self.signal_lead_s}) must be shorter than time_min "
+                             f"({self.time_min} min = {self.time_min * 60} s)")
+        for name in ("partition", "account", "qos", "constraint"):
+            check_text(name, getattr(self, name))
+        for i, line in enumerate(self.setup):
+            check_text(f"setup[{i}]", line)
+        for key, value in self.sbatch_extra.items():
+            _check_sbatch_extra(key, value)
 
     @property
     def signal_name(self) -> str:

@@ -14,6 +14,25 @@ from typing import Literal
 from slurm.resources import Resources
 
 
+def _at_least(obj: object, low: float, *names: str) -> None:
+    """Each field at least `low` (and finite: TOML has nan and inf)."""
+    for name in names:
+        value = getattr(obj, name)
+        if not (math.isfinite(value) and value >= low):
+            raise ValueError(f"{name} must be at least {low}, got {value}")
+
+
+def _within(obj: object, name: str, low: float, high: float, *, low_open: bool = False,
+            high_open: bool = False) -> None:
+    """The field in the interval from `low` to `high`, each end closed unless said open."""
+    value = getattr(obj, name)
+    above = value > low if low_open else value >= low
+    below = value < high if high_open else value <= high
+    if not (above and below):  # false for nan too
+        raise ValueError(f"{name} must be in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}, "
+                         f"got {value}")
+
+
 @dataclass(frozen=True)
 class DataConfig:
     sources: tuple[str, ...] = ()  # shard folders to mix, e.g. domain then replay ("" or none: this run's shards)
@@ -43,6 +62,10 @@ class ModelConfig:
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more compute
     dropout: float = -1.0  # attention/hidden dropout during training (-1: keep the model's own setting)
 
+    def __post_init__(self) -> None:
+        if self.dropout != -1.0:
+            _within(self, "dropout", 0.0, 1.0, high_open=True)
+
 
 @dataclass(frozen=True)
 class OptimConfig:
@@ -57,6 +80,17 @@ class OptimConfig:
     eps: float = 1e-8  # AdamW epsilon
     grad_clip: float = 1.0  # clip the global gradient norm to this (0: off)
 
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        _within(self, "min_lr_ratio", 0.0, 1.0)
+        _at_least(self, 0, "warmup_steps", "weight_decay", "grad_clip")
+        _within(self, "decay_fraction", 0.0, 1.0, low_open=True)
+        _within(self, "beta1", 0.0, 1.0, high_open=True)
+        _within(self, "beta2", 0.0, 1.0, high_open=True)
+        if not (math.isfinite(self.eps) and self.eps > 0):
+            raise ValueError(f"eps must be positive, got {self.eps}")
+
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -70,8 +104,10 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.zero_stage not in (0, 1, 2, 3):
             raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
-        if self.micro_batch < 1 or self.grad_accum < 1:
-            raise ValueError("micro_batch and grad_accum must be at least 1")
+        _at_least(self, 1, "micro_batch", "grad_accum")
+        for key in self.overrides:
+            if not key or any(not part for part in key.split(".")):
+                raise ValueError(f"overrides: {key!r} is not a dotted DeepSpeed key such as zero_optimization.stage")
 
 
 @dataclass(frozen=True)
@@ -82,12 +118,20 @@ class EvalConfig:
     min_delta: float = 0.0  # improvement smaller than this does not count
     forgetting_pct: float = 10.0  # warn when general perplexity rises this many % above the base model's
 
+    def __post_init__(self) -> None:
+        _at_least(self, 1, "every", "batches")
+        _at_least(self, 0, "patience", "min_delta", "forgetting_pct")
+
 
 @dataclass(frozen=True)
 class CheckpointConfig:
     every_steps: int = 100  # checkpoint every this many optimizer steps (0: only on time and stop)
     every_minutes: float = 30.0  # and at least this often in wall-clock time (0: off)
     keep_last: int = 2  # complete checkpoints kept besides the best one
+
+    def __post_init__(self) -> None:
+        _at_least(self, 0, "every_steps", "every_minutes")
+        _at_least(self, 1, "keep_last")
 
 
 @dataclass(frozen=True)
@@ -106,8 +150,7 @@ class TrainConfig:
     export: Literal["final", "best"] = "final"  # which weights become the Hugging Face export
 
     def __post_init__(self) -> None:
-        if self.steps < 1:
-            raise ValueError(f"steps must be at least 1, got {self.steps}")
+        _at_least(self, 1, "steps", "log_every")
 
 
 @dataclass(frozen=True)
@@ -127,14 +170,17 @@ class DistillConfig(TrainConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
-        if self.temperature <= 0:
+        _within(self, "alpha", 0.0, 1.0)
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
             raise ValueError(f"temperature must be positive, got {self.temperature}")
-        if self.student_layers < 0:
-            raise ValueError(f"student_layers must not be negative, got {self.student_layers}")
-        if self.student_calibration_rows < 1:
-            raise ValueError(f"student_calibration_rows must be at least 1, got {self.student_calibration_rows}")
+        _at_least(self, 0, "student_layers")
+        _at_least(self, 1, "student_calibration_rows")
+        if self.divergence == "jsd":  # beta 0 or 1 makes the JSD identically 0
+            _within(self, "beta", 0.0, 1.0, low_open=True, high_open=True)
+        elif self.divergence == "skew_kl":  # beta 1 compares the teacher with itself
+            _within(self, "beta", 0.0, 1.0, high_open=True)
+        else:
+            _within(self, "beta", 0.0, 1.0)
 
 
 @dataclass(frozen=True)
@@ -147,6 +193,4 @@ class TeacherLogitsConfig:
     tasks: int = 2  # job array elements; each takes every tasks-th token shard
 
     def __post_init__(self) -> None:
-        for name in ("k", "batch", "tasks"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        _at_least(self, 1, "k", "batch", "tasks")

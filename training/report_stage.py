@@ -18,6 +18,11 @@ class ReportConfig:
     max_rows: int = 64  # validation sequences evaluated per set and model
     batch: int = 8  # sequences per forward pass
 
+    def __post_init__(self) -> None:
+        for name in ("max_rows", "batch"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+
 
 def run_report(cfg: ReportConfig, out: Path, models: dict[str, Path], val_sets: dict[str, Path],
                metrics: dict[str, Path]) -> dict[str, Any]:

@@ -132,13 +132,32 @@ def test_every_shipped_config_resolves(path: Path) -> None:
     assert cfg.run.stages, path
 
 
-def test_reverse_kl_on_a_top_k_cache_needs_the_top_k_norm_before_any_job() -> None:
+def test_reverse_kl_on_a_top_k_cache_needs_the_top_k_norm_before_any_job(tmp_path: Path) -> None:
     from launcher.pipeline import PreflightError, preflight
+    from tests.unit.test_preflight import make_model, make_shards
 
+    tokenizer = tmp_path / "tokenizer.json"
+    tokenizer.write_text('{"model": "ours"}')
+    teacher, shards = make_model(tmp_path / "teacher", tokenizer), make_shards(tmp_path / "shards", tokenizer)
+    inputs = [f"run.root={tmp_path / 'runs'}", f"teacher_logits.teacher={teacher}", f"teacher_logits.source={shards}",
+              f"distill.teacher={teacher}", f'distill.data.sources=["{shards}"]']  # the preflight finds them
     stages = "run.stages=['teacher_logits', 'distill']"
-    base = [stages, "distill.student_layers=2", "distill.divergence=reverse_kl", "distill.topk_student_norm=vocab"]
+    base = [stages, "distill.student_layers=2", "distill.divergence=reverse_kl", "distill.topk_student_norm=vocab",
+            *inputs]
     with pytest.raises(PreflightError, match=r"distill: .*topk_student_norm = 'topk'"):
         preflight(load_run_config(None, base))
     preflight(load_run_config(None, [*base, "distill.topk_student_norm=topk"]))
     preflight(load_run_config(None, ["run.stages=['distill']", "distill.student_layers=2",
-                                     "distill.divergence=reverse_kl"]))  # a live teacher: the norm does not apply
+                                     "distill.divergence=reverse_kl", *inputs]))  # a live teacher: norm does not apply
+
+
+def test_a_component_check_broken_by_an_override_names_the_override(tmp_path: Path) -> None:
+    path = write(tmp_path, "[probe]\nsteps = 3\n")
+    assert error_of(path, ["run.name=x", "probe.steps=-1"]) == \
+        "override 'probe.steps=-1': probe.steps must not be negative, got -1"
+    assert error_of(None, ["resources.nodes=0"]).startswith(  # a top-level default, checked where it lands
+        "override 'resources.nodes=0': resources.nodes must be at least 1")
+    bad_file = write(tmp_path, "[probe]\nsteps = -3\n")
+    assert error_of(bad_file, ["run.name=x"]) == f"{bad_file}: probe.steps must not be negative, got -3"
+    assert load_run_config(bad_file, ["probe.steps=2"]).probe.steps == 2  # an override may mend the file
+    assert "override 'probe.steps=1\\n2'" in error_of(None, ["probe.steps=1\n2"])  # shown escaped: one line

@@ -1,0 +1,231 @@
+"""The shard stage is bound to the input files it started with: map and reduce run in-process on tiny JSONL
+inputs, and a file added, removed or changed between attempts (or after the stage completed) is refused by name."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from pathlib import Path
+
+import pytest
+
+import sharding.stage as stage
+from launcher.run_config import load_run_config
+from sharding.config import ShardConfig
+from sharding.readers import expand_inputs
+from sharding.stage import COMPLETE, map_files, reduce_shards, work_paths
+from sharding.tokenize import train_bpe_tokenizer
+
+WORDS = ["amber", "basalt", "cedar", "delta", "ember", "fjord", "garnet", "harbor", "iris", "juniper", "kelp", "lagoon",
+         "meadow", "nectar", "onyx", "prairie", "quartz", "river", "sable", "tundra", "umber", "violet", "willow"]
+
+
+def text(n: int) -> str:
+    """A distinct short document: no two share enough words to be near duplicates."""
+    return " ".join(f"{WORDS[(n * 7 + k * 3) % len(WORDS)]}{n}x{k}" for k in range(12))
+
+
+def write_jsonl(path: Path, first: int, count: int = 6) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"text": text(n)}) + "\n" for n in range(first, first + count)))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("tokenizer")
+    return train_bpe_tokenizer((text(n) for n in range(200)), 300, folder)
+
+
+def config(inputs: Path, tokenizer: Path) -> ShardConfig:
+    return load_run_config(None, [f"shard.inputs={json.dumps([str(inputs / '*.jsonl')])}",
+                                  f"shard.tokenizer={tokenizer}", "shard.seq_len=16", "shard.val_fraction=0.2",
+                                  "shard.shard_sequences=8", 'shard.clean.steps=["normalize"]',
+                                  "shard.encode_batch=4", "shard.threads=1"]).shard
+
+
+def shard_files(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.is_file()}
+
+
+def run_stage(cfg: ShardConfig, out: Path, world: int = 2) -> dict[str, object]:
+    for rank in range(world):
+        map_files(cfg, out, rank, world)
+    return reduce_shards(cfg, out, "data-hash")
+
+
+def test_a_file_added_between_map_attempts_is_refused_by_name_and_nothing_is_lost(tmp_path: Path,
+                                                                                 tokenizer: Path) -> None:
+    inputs = tmp_path / "in"
+    write_jsonl(inputs / "a.jsonl", 0)
+    write_jsonl(inputs / "c.jsonl", 10)
+    cfg, out = config(inputs, tokenizer), tmp_path / "shard"
+    map_files(cfg, out, 0, 2)  # element 0 of 2 does a.jsonl (input 0) and records the inputs
+    added = write_jsonl(inputs / "b.jsonl", 20)  # sorts between them: input 1 would now be b.jsonl
+    with pytest.raises(ValueError) as refused:
+        map_files(cfg, out, 1, 2)
+    message = str(refused.value)
+    assert str(added) in message and "1 added" in message
+    assert "no work file" in message and "shard.dedup.previous" in message and "run.name" in message
+    assert not work_paths(out, 1)[2].exists() and not work_paths(out, 2)[2].exists()  # b.jsonl never read
+    with pytest.raises(ValueError, match="1 added"):
+        reduce_shards(cfg, out, "data-hash")  # the reduce checks too
+    added.unlink()  # back to the recorded inputs: the stage finishes with every original document, once
+    map_files(cfg, out, 1, 2)
+    stats = reduce_shards(cfg, out, "data-hash")
+    assert stats["docs_in"] == stats["docs_kept"] == 12
+
+
+def test_a_completed_stage_rerun_after_its_inputs_changed_is_refused(tmp_path: Path, tokenizer: Path) -> None:
+    inputs = tmp_path / "in"
+    write_jsonl(inputs / "a.jsonl", 0)
+    changed = write_jsonl(inputs / "b.jsonl", 10)
+    cfg, out = config(inputs, tokenizer), tmp_path / "shard"
+    run_stage(cfg, out)
+    assert (out / COMPLETE).exists()
+    before = shard_files(out)
+    write_jsonl(changed, 10, count=7)  # one more record: resized
+    new = write_jsonl(inputs / "z.jsonl", 30)
+    with pytest.raises(ValueError) as refused:
+        reduce_shards(cfg, out, "data-hash")
+    message = str(refused.value)
+    assert "1 added" in message and str(new) in message and "1 resized" in message and str(changed) in message
+    with pytest.raises(ValueError, match="1 resized"):
+        map_files(cfg, out, 0, 2)
+    with pytest.raises(ValueError, match="1 added"):
+        stage.check_recorded_inputs(cfg, out)  # for the launcher's preflight
+    assert shard_files(out) == before  # the finished shards are left as they are
+
+
+def test_unchanged_inputs_rerun_every_element_and_the_reduce_to_identical_shards(tmp_path: Path,
+                                                                                  tokenizer: Path) -> None:
+    inputs = tmp_path / "in"
+    for i in range(3):
+        write_jsonl(inputs / f"part-{i}.jsonl", 10 * i)
+    cfg = config(inputs, tokenizer)
+    reference = tmp_path / "reference"
+    run_stage(cfg, reference, world=1)
+    out = tmp_path / "shard"
+    for rank in range(2):
+        map_files(cfg, out, rank, 2)
+    recorded = json.loads((out / stage.INPUTS).read_text())
+    files = expand_inputs(cfg.inputs)
+    assert [e["path"] for e in recorded["files"]] == [str(p) for p in files]
+    assert [(e["size"], e["mtime_ns"]) for e in recorded["files"]] == \
+        [(os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in files]
+    for i in range(len(files)):  # each tally names the file it was made from
+        assert json.loads(work_paths(out, i)[2].read_text())["source"] == recorded["files"][i]
+    work_paths(out, 1)[2].unlink()  # a killed attempt of element 1: its second attempt redoes that file
+    assert map_files(cfg, out, 0, 2) == {"files": 0}  # both of its files are done
+    assert map_files(cfg, out, 1, 2) == {"files": 1}
+    stats = reduce_shards(cfg, out, "data-hash")
+    assert stats["docs_in"] == stats["docs_kept"] == 18
+    assert shard_files(out) == shard_files(reference)
+    assert reduce_shards(cfg, out, "data-hash") == stats  # a rerun of the completed stage: the same answer
+    assert map_files(cfg, out, 0, 2) == {"skipped": "stage already complete"}
+    assert shard_files(out) == shard_files(reference)
+
+
+def test_the_recorded_list_is_written_once_when_elements_race(tmp_path: Path, tokenizer: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    inputs = tmp_path / "in"
+    write_jsonl(inputs / "a.jsonl", 0)
+    write_jsonl(inputs / "b.jsonl", 10)
+    cfg, out = config(inputs, tokenizer), tmp_path / "shard"
+    out.mkdir()
+    target = out / stage.INPUTS
+    # Elements on several nodes have distinct temp names (host, pid); threads here get one each.
+    monkeypatch.setattr(stage, "temp_path", lambda p: p.with_name(f".{p.name}.tmp.{threading.get_ident()}"))
+    barrier, won = threading.Barrier(8), []
+
+    def element(n: int) -> None:
+        barrier.wait()
+        if stage.publish_once(target, {"writer": n, "filler": "x" * 100_000}):
+            won.append(n)
+
+    threads = [threading.Thread(target=element, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(won) == 1 and json.loads(target.read_text())["writer"] == won[0]  # one writer's whole file
+    assert sorted(p.name for p in out.iterdir()) == [stage.INPUTS]  # no temp left behind
+    target.unlink()
+
+    listing = stage.stat_inputs(expand_inputs(cfg.inputs))
+    assert stage.record_inputs(out, cfg.inputs, listing) == listing  # the first element records the list
+    written = target.stat()
+    assert stage.record_inputs(out, cfg.inputs, listing) == listing  # a second: it compares, agrees
+    monkeypatch.setattr(Path, "exists", lambda self: False)  # a second that looked before the first published
+    assert stage.record_inputs(out, cfg.inputs, listing) == listing
+    with pytest.raises(ValueError, match="1 removed"):  # a second whose expansion missed a file is refused
+        stage.record_inputs(out, cfg.inputs, listing[:1])
+    monkeypatch.undo()
+    assert (target.stat().st_ino, target.stat().st_mtime_ns) == (written.st_ino, written.st_mtime_ns)
+    assert sorted(p.name for p in out.iterdir()) == [stage.INPUTS]
+
+
+def test_the_error_names_each_kind_of_change_with_counts(tmp_path: Path, tokenizer: Path) -> None:
+    inputs = tmp_path / "in"
+    for i in range(6):
+        write_jsonl(inputs / f"part-{i}.jsonl", 10 * i)
+    cfg, out = config(inputs, tokenizer), tmp_path / "shard"
+    map_files(cfg, out, 0, 3)
+    (inputs / "part-0.jsonl").rename(inputs / "renamed-0.jsonl")  # a rename: one removed, one added
+    (inputs / "part-1.jsonl").unlink()
+    stat = (inputs / "part-2.jsonl").stat()
+    os.utime(inputs / "part-2.jsonl", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # same size, modified
+    for i in range(5):
+        write_jsonl(inputs / f"new-{i}.jsonl", 100 + 10 * i)
+    with pytest.raises(ValueError) as refused:
+        map_files(cfg, out, 1, 3)
+    message = str(refused.value)
+    assert "6 added" in message and "2 removed" in message and "1 modified" in message
+    assert str(inputs / "part-1.jsonl") in message and str(inputs / "part-2.jsonl") in message
+    assert str(inputs / "new-0.jsonl") in message and str(inputs / "new-4.jsonl") not in message  # first few only
+    assert str(out) in message
+
+
+def test_a_file_changed_while_it_is_read_gets_no_tally(tmp_path: Path, tokenizer: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    inputs = tmp_path / "in"
+    victim = write_jsonl(inputs / "a.jsonl", 0)
+    cfg, out = config(inputs, tokenizer), tmp_path / "shard"
+    read_file = stage.read_file
+
+    def appending(path: Path, *args: object, **kwargs: object) -> object:
+        yield from read_file(path, *args, **kwargs)  # type: ignore[arg-type]
+        with path.open("a") as f:  # another writer appends once the reader is past the end
+            f.write(json.dumps({"text": text(99)}) + "\n")
+
+    monkeypatch.setattr(stage, "read_file", appending)
+    with pytest.raises(ValueError, match="changed while it was read") as refused:
+        map_files(cfg, out, 0, 1)
+    assert str(victim) in str(refused.value) and not work_paths(out, 0)[2].exists()
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="1 resized"):  # and every later attempt sees it differs from the record
+        map_files(cfg, out, 0, 1)
+
+
+def test_a_rerun_of_a_completed_run_whose_inputs_changed_is_refused_before_anything_is_queued(
+        tmp_path: Path, tokenizer: Path) -> None:
+    """The launcher skips a completed stage without running it: the run's preflight is what notices."""
+    from launcher.layout import RunLayout
+    from launcher.pipeline import PreflightError, preflight
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    write_jsonl(inputs / "a.jsonl", 0)
+    overrides = [f"run.root={tmp_path / 'runs'}", "run.name=bound", 'run.stages=["shard"]',
+                 f"shard.inputs={json.dumps([str(inputs / '*.jsonl')])}", f"shard.tokenizer={tokenizer}",
+                 "shard.seq_len=16", "shard.val_fraction=0.2", "shard.shard_sequences=8",
+                 'shard.clean.steps=["normalize"]', "shard.encode_batch=4", "shard.threads=1"]
+    cfg = load_run_config(None, overrides)
+    out = RunLayout(cfg.run_dir.resolve()).stage("shard")
+    out.mkdir(parents=True)
+    run_stage(cfg.shard, out)
+    preflight(cfg)  # unchanged inputs: fine
+    write_jsonl(inputs / "b.jsonl", 100)
+    with pytest.raises(PreflightError, match=r"shard: .*1 added \(.*b\.jsonl\)"):
+        preflight(cfg)
