@@ -16,6 +16,16 @@ from typing import Any
 
 import submitit
 
+from launcher.checks import (
+    check_model,
+    check_shards,
+    check_training_inputs,
+    made_earlier,
+    not_made,
+    preflight_layout,
+    tokenizer_of,
+    tokenizer_sha256,
+)
 from launcher.config import config_hash
 from launcher.layout import RunLayout
 from launcher.run_config import RunConfig
@@ -51,119 +61,6 @@ def _no_preflight(cfg: RunConfig) -> None:
 # Paths come from the same resolvers the steps use (_own_shards, resolve_distill, _teacher_logits_inputs,
 # _report_inputs), on the layout the jobs will see.
 
-def _preflight_layout(cfg: RunConfig) -> RunLayout:
-    return RunLayout(cfg.run_dir.resolve())
-
-
-def _made_earlier(cfg: RunConfig, stage: str, path: str | Path) -> str | None:
-    """The stage listed before `stage` in this run whose output `path` is, or None."""
-    layout = _preflight_layout(cfg)
-    outputs = {"shard": layout.stage("shard"), "cpt": layout.export("cpt"),
-               "teacher_logits": layout.stage("teacher_logits")}
-    target = Path(path).resolve()
-    earlier = cfg.run.stages[:cfg.run.stages.index(stage)]
-    return next((s for s in earlier if s in outputs and outputs[s].resolve() == target), None)
-
-
-def _not_made(cfg: RunConfig, stage: str, key: str, path: str | Path, what: str) -> ValueError:
-    """`key` names a folder that is missing or incomplete; for this run's own output, say which stage makes it."""
-    layout = _preflight_layout(cfg)
-    makers = {layout.stage("shard").resolve(): "shard", layout.export("cpt").resolve(): "cpt",
-              layout.stage("teacher_logits").resolve(): "teacher_logits"}
-    if maker := makers.get(Path(path).resolve()):
-        return ValueError(f"{key} is this run's {maker} output {path}, which is not there yet and no earlier stage "
-                          f"makes: add '{maker}' to run.stages before '{stage}', or set {key.split(' ')[0]}")
-    return ValueError(f"{key} '{path}' {what}")
-
-
-def _tokenizer_sha256(folder: str | Path) -> str:
-    import hashlib
-
-    return hashlib.sha256((Path(folder) / "tokenizer.json").read_bytes()).hexdigest()
-
-
-def _model_config(folder: str | Path) -> dict[str, Any] | None:
-    import json
-
-    try:
-        return json.loads((Path(folder) / "config.json").read_text())  # type: ignore[no-any-return]
-    except (OSError, ValueError):
-        return None
-
-
-def _check_model(cfg: RunConfig, stage: str, key: str, path: str | Path) -> dict[str, Any] | None:
-    """A Hugging Face model folder `stage` reads: config.json, weights and tokenizer.json (every stage
-    fingerprints the tokenizer from it). Returns its config.json; for this run's cpt export, not there yet,
-    the base model's (same shape and tokenizer)."""
-    if maker := _made_earlier(cfg, stage, path):
-        return _model_config(cfg.cpt.model.path) if maker == "cpt" else None
-    folder = Path(path)
-    if not str(path):
-        raise ValueError(f"{key} is empty: give a local Hugging Face model folder")
-    if not folder.is_dir():
-        raise _not_made(cfg, stage, key, path, "is not a folder: give a local Hugging Face model folder")
-    missing = [name for name, present in (
-        ("config.json", (folder / "config.json").is_file()),
-        ("weights (*.safetensors, pytorch_model*.bin or their *.index.json)",
-         any(folder.glob("*.safetensors")) or any(folder.glob("pytorch_model*.bin"))
-         or any(folder.glob("*.index.json"))),
-        ("tokenizer.json", (folder / "tokenizer.json").is_file())) if not present]
-    if missing:
-        raise _not_made(cfg, stage, key, path,
-                        f"is not a complete Hugging Face model folder: no {', no '.join(missing)}")
-    if (config := _model_config(folder)) is None:
-        raise ValueError(f"{key} '{path}': config.json is not readable JSON")
-    return config
-
-
-def _tokenizer_of(cfg: RunConfig, stage: str, model: str | Path) -> Path:
-    """The folder whose tokenizer.json `model` has: this run's cpt export has its base model's."""
-    return Path(cfg.cpt.model.path) if _made_earlier(cfg, stage, model) == "cpt" else Path(model)
-
-
-def _check_shards(cfg: RunConfig, stage: str, key: str, path: str | Path, split: str) -> tuple[str, int]:
-    """A shard folder `stage` reads, holding `split`: (tokenizer sha256, seq_len) of its sequences."""
-    from sharding.shards import MANIFEST, Manifest
-    from sharding.tokenize import tokenizer_fingerprint
-
-    if _made_earlier(cfg, stage, path) == "shard":
-        if split == "val" and cfg.shard.val_fraction == 0:
-            raise ValueError(f"{key} reads the val split of this run's shards ({path}), "
-                             "but shard.val_fraction = 0 holds none out")
-        return tokenizer_fingerprint(cfg.shard.tokenizer), cfg.shard.seq_len
-    if not (Path(path) / MANIFEST).is_file():
-        what = "is not a finished shard folder (no manifest.json)" if Path(path).exists() else "does not exist"
-        raise _not_made(cfg, stage, key, path, what)
-    manifest = Manifest.load(Path(path))
-    if not manifest.split_shards(split):
-        raise ValueError(f"{key} '{path}' has no {split} split")
-    return manifest.tokenizer_sha256, manifest.seq_len
-
-
-def _check_training_inputs(cfg: RunConfig, stage: str, train: Any, model: str | Path) -> None:
-    """cpt's or distill's sources and validation sets (resolved in `train`), against each other and `model`'s
-    tokenizer: what `open_data` would refuse at the first step."""
-    given = cfg.cpt.data.sources if stage == "cpt" else cfg.distill.data.sources
-    keys = [f"{stage}.data.sources[{i}]" + ("" if s else ' ("": this run\'s shards)') for i, s in enumerate(given)]
-    keys = keys or [f"{stage}.data.sources (empty: this run's shards)"]
-    found = {key: (path, _check_shards(cfg, stage, key, path, train.data.split))
-             for key, path in zip(keys, train.data.sources, strict=True)}
-    domain_key = f"{stage}.domain_val" if train.domain_val else f'{stage}.domain_val ("": {keys[0]})'
-    vals = {domain_key: train.domain_val or train.data.sources[0]}
-    if train.general_val:
-        vals[f"{stage}.general_val"] = train.general_val
-    found.update({key: (path, _check_shards(cfg, stage, key, path, "val")) for key, path in vals.items()})
-    tokenizer_dir = _tokenizer_of(cfg, stage, model)
-    model_sha = _tokenizer_sha256(tokenizer_dir) if (tokenizer_dir / "tokenizer.json").is_file() else None
-    seq_len = found[keys[0]][1][1]
-    for key, (path, (tokenizer, length)) in found.items():
-        if model_sha is not None and tokenizer != model_sha:
-            raise ValueError(f"{key} '{path}' was tokenized with tokenizer {tokenizer[:12]} but the model's "
-                             f"({tokenizer_dir / 'tokenizer.json'}) is {model_sha[:12]}")
-        if key in keys and length != seq_len:  # the mixture needs one length; validation sets may differ
-            raise ValueError(f"{key} '{path}' has sequences of {length} tokens but {keys[0]} has {seq_len}")
-
-
 @dataclass(frozen=True)
 class Stage:
     name: str
@@ -194,7 +91,7 @@ def _shard_preflight(cfg: RunConfig) -> None:
     from sharding.stage import check_inputs
 
     # With the run's shard folder: a rerun whose inputs changed since the stage started (or completed) is refused.
-    check_inputs(cfg.shard, RunLayout(cfg.run_dir.resolve()).stage("shard"))
+    check_inputs(cfg.shard, preflight_layout(cfg).stage("shard"))
     for i, folder in enumerate(cfg.shard.dedup.previous):
         if not (Path(folder) / "dedup-index.arrow").is_file():
             raise ValueError(f"shard.dedup.previous[{i}] '{folder}' is not a finished shard folder "
@@ -227,10 +124,10 @@ def _cpt_train(cfg: RunConfig, layout: RunLayout, env: TaskEnv, element: int | N
 
 
 def _cpt_preflight(cfg: RunConfig) -> None:
-    _check_model(cfg, "cpt", "cpt.model.path", cfg.cpt.model.path)
-    layout = _preflight_layout(cfg)
+    check_model(cfg, "cpt", "cpt.model.path", cfg.cpt.model.path)
+    layout = preflight_layout(cfg)
     train = replace(cfg.cpt, data=replace(cfg.cpt.data, sources=_own_shards(cfg.cpt.data.sources, layout)))
-    _check_training_inputs(cfg, "cpt", train, cfg.cpt.model.path)
+    check_training_inputs(cfg, "cpt", train, cfg.cpt.model.path)
 
 
 def resolve_distill(cfg: RunConfig, layout: RunLayout) -> Any:
@@ -251,14 +148,14 @@ def _teacher_logits_inputs(cfg: RunConfig, layout: RunLayout) -> tuple[Path, Pat
 
 
 def _teacher_logits_preflight(cfg: RunConfig) -> None:
-    teacher, source = _teacher_logits_inputs(cfg, _preflight_layout(cfg))
+    teacher, source = _teacher_logits_inputs(cfg, preflight_layout(cfg))
     key = "teacher_logits.teacher" + ("" if cfg.teacher_logits.teacher else ' ("": this run\'s cpt export)')
-    config = _check_model(cfg, "teacher_logits", key, teacher)
+    config = check_model(cfg, "teacher_logits", key, teacher)
     if config and cfg.teacher_logits.k > int(config.get("vocab_size", cfg.teacher_logits.k)):
         raise ValueError(f"teacher_logits.k = {cfg.teacher_logits.k} exceeds the teacher's vocabulary of "
                          f"{config['vocab_size']}")
     key = "teacher_logits.source" + ("" if cfg.teacher_logits.source else ' ("": this run\'s shards)')
-    _check_shards(cfg, "teacher_logits", key, source, "train")
+    check_shards(cfg, "teacher_logits", key, source, "train")
 
 
 def _teacher_logits_compute(cfg: RunConfig, layout: RunLayout, env: TaskEnv, element: int | None) -> Any:
@@ -290,22 +187,22 @@ def _distill_train(cfg: RunConfig, layout: RunLayout, env: TaskEnv, element: int
 def _distill_preflight(cfg: RunConfig) -> None:
     from common.publish import COMPLETE
 
-    d, layout = cfg.distill, _preflight_layout(cfg)
+    d, layout = cfg.distill, preflight_layout(cfg)
     uses_cache = bool(d.topk_cache) or "teacher_logits" in cfg.run.stages
     if uses_cache and d.divergence == "reverse_kl" and d.topk_student_norm == "vocab":
         raise ValueError("distill.divergence = 'reverse_kl' against cached top-k logits needs "
                          "distill.topk_student_norm = 'topk' (over the whole vocabulary it is infinite)")
     resolved = resolve_distill(cfg, layout)
     key = "distill.teacher" + ("" if d.teacher else ' ("": this run\'s cpt export)')
-    teacher = _check_model(cfg, "distill", key, resolved.teacher)
+    teacher = check_model(cfg, "distill", key, resolved.teacher)
     student = resolved.teacher  # a student made of the teacher's layers has the teacher's tokenizer
     if not d.student_layers:
         if not d.model.path:
             raise ValueError("set distill.student_layers (a student from the teacher's layers) or distill.model.path")
-        _check_model(cfg, "distill", "distill.model.path", d.model.path)
+        check_model(cfg, "distill", "distill.model.path", d.model.path)
         student = d.model.path
-        teacher_tokenizer = _tokenizer_of(cfg, "distill", resolved.teacher) / "tokenizer.json"
-        if teacher_tokenizer.is_file() and _tokenizer_sha256(student) != _tokenizer_sha256(teacher_tokenizer.parent):
+        teacher_tokenizer = tokenizer_of(cfg, "distill", resolved.teacher) / "tokenizer.json"
+        if teacher_tokenizer.is_file() and tokenizer_sha256(student) != tokenizer_sha256(teacher_tokenizer.parent):
             raise ValueError(f"distill.model.path '{student}' has another tokenizer.json than the teacher "
                              f"'{resolved.teacher}': a student must share its teacher's vocabulary")
     elif d.student_layers < 2:
@@ -314,13 +211,13 @@ def _distill_preflight(cfg: RunConfig) -> None:
     elif teacher and d.student_layers > int(teacher.get("num_hidden_layers", d.student_layers)):
         raise ValueError(f"distill.student_layers = {d.student_layers} exceeds the teacher's "
                          f"{teacher['num_hidden_layers']} layers")
-    _check_training_inputs(cfg, "distill", resolved, student)
+    check_training_inputs(cfg, "distill", resolved, student)
     if not resolved.topk_cache:
         return
     if len(resolved.data.sources) != 1:
         raise ValueError(f"distill reads a teacher top-k cache, which is aligned with one token source; "
                          f"distill.data.sources gives {len(resolved.data.sources)}")
-    if _made_earlier(cfg, "distill", resolved.topk_cache) == "teacher_logits":
+    if made_earlier(cfg, "distill", resolved.topk_cache) == "teacher_logits":
         teacher_dir, source = _teacher_logits_inputs(cfg, layout)
         if source.resolve() != Path(resolved.data.sources[0]).resolve():
             raise ValueError(f"distill.data.sources[0] '{resolved.data.sources[0]}' is not the token source this "
@@ -329,7 +226,7 @@ def _distill_preflight(cfg: RunConfig) -> None:
             raise ValueError(f"distill.teacher '{resolved.teacher}' is not the teacher this run's teacher_logits "
                              f"runs ('{teacher_dir}'): set teacher_logits.teacher to it")
     elif not (Path(resolved.topk_cache) / COMPLETE).is_file():
-        raise _not_made(cfg, "distill", "distill.topk_cache", resolved.topk_cache,
+        raise not_made(cfg, "distill", "distill.topk_cache", resolved.topk_cache,
                         "is not a finished teacher-logits cache (no COMPLETE)")
 
 
@@ -354,17 +251,17 @@ def _report(cfg: RunConfig, layout: RunLayout, env: TaskEnv, element: int | None
 
 
 def _report_preflight(cfg: RunConfig) -> None:
-    models, val_sets, _ = _report_inputs(cfg, _preflight_layout(cfg))
+    models, val_sets, _ = _report_inputs(cfg, preflight_layout(cfg))
     if "base" not in models:
         raise ValueError("report needs a base model: set report.base (or cpt.model.path)")
-    _check_model(cfg, "report", "report.base" + ("" if cfg.report.base else ' ("": cpt.model.path)'),
+    check_model(cfg, "report", "report.base" + ("" if cfg.report.base else ' ("": cpt.model.path)'),
                  models["base"])
     keys = {"domain": "report.domain_val" if cfg.report.domain_val else (
                 'report.domain_val ("": cpt.domain_val)' if cfg.cpt.domain_val
                 else 'report.domain_val ("": this run\'s shards)'),
             "general": "report.general_val" if cfg.report.general_val else 'report.general_val ("": cpt.general_val)'}
     for name, path in val_sets.items():
-        _check_shards(cfg, "report", keys[name], path, "val")
+        check_shards(cfg, "report", keys[name], path, "val")
 
 
 def _stages() -> MappingProxyType[str, Stage]:
