@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -15,6 +16,7 @@ from launcher.run_config import RunConfig, load_run_config
 from launcher.rundir import RunDir, RunDirError, flatten, free_run_name
 from launcher.status import cancel, log_files, refresh, status_table
 from slurm.executor import SubmissionError, make_executor
+from training.stop import REQUEUE_EXIT_CODE
 
 # Only what every command needs is imported above. The pipeline (submitit), the shard readers (numpy, pyarrow,
 # tokenizers) and the models (torch, transformers, deepspeed) load inside the commands that use them: imported
@@ -25,6 +27,7 @@ from slurm.executor import SubmissionError, make_executor
 _LAZY_INPUT_ERRORS = (("launcher.pipeline", "PreflightError"), ("sharding.shards", "ManifestError"),
                       ("sharding.tokenize", "TokenizerError"), ("sharding.corpus", "CorpusError"),
                       ("training.smollm2", "ModelSourceError"))
+_LAZY_STAGE_STOPPED = (("launcher.pipeline", "StageStopped"),)  # saved and left for a requeue: exit 75, rerun
 _LAZY_STAGE_FAILED = (("launcher.pipeline", "StageFailed"),)  # a stage's job failed: exit 1
 
 EXAMPLES = {
@@ -177,7 +180,8 @@ def _launch(args: argparse.Namespace, console: Console) -> int:
     console.print(f"run directory: {run.path}")
     for change in run.changes:
         console.print(f"[yellow]config change accepted on resume[/]: {change}")
-    launch(cfg, run, executor, wait=args.command != "submit", console=console)
+    launch(cfg, run, executor, wait=args.command != "submit", console=console,
+           command=shlex.join(["stillroom", args.command, str(args.config), *args.overrides]))
     if args.command == "submit":
         console.print(f"follow with: stillroom status {run.path}")
     return 0
@@ -253,7 +257,8 @@ def _status(args: argparse.Namespace, console: Console) -> int:
 
         # Each refresh asks sacct once per unfinished stage: keep the interval in seconds, not sub-second.
         with Live(status_table(run, state), console=console, auto_refresh=False) as live:
-            while any(e.get("status") in ("pending", "submitted", "running") for e in state["stages"].values()):
+            while any(e.get("status") in ("pending", "submitted", "running", "stopped")
+                      for e in state["stages"].values()):
                 time.sleep(max(args.watch, 1.0))
                 state = refresh(run)
                 live.update(status_table(run, state), refresh=True)
@@ -324,6 +329,9 @@ def main(argv: list[str] | None = None) -> int:
         message = e.args[0] if isinstance(e, KeyError) else str(e)
         print(f"stillroom: error: {message}", file=sys.stderr)
         return 2
+    except _loaded(_LAZY_STAGE_STOPPED) as e:
+        print(f"stillroom: {e}", file=sys.stderr)
+        return REQUEUE_EXIT_CODE
     except _loaded(_LAZY_STAGE_FAILED) as e:
         print(f"stillroom: {e}", file=sys.stderr)
         return 1

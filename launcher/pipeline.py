@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 import time
 from typing import Any
 
@@ -20,6 +22,11 @@ class PreflightError(ValueError):
 
 class StageFailed(RuntimeError):
     """A stage's job ended without completing; the message names the stage and the log."""
+
+
+class StageStopped(StageFailed):
+    """A stage saved its state and left for a requeue (a stop signal, the time budget); running the same
+    command again resumes it. The message says where it stopped and gives that command."""
 
 
 def job_spec(cfg: RunConfig, run: RunDir, stage: str, step: Step, after: tuple[str, ...] = ()) -> JobSpec:
@@ -93,7 +100,8 @@ def preflight(cfg: RunConfig) -> None:
             raise PreflightError(f"{stage}: {e}") from None
 
 
-def launch(cfg: RunConfig, run: RunDir, executor: Executor, *, wait: bool, console: Console) -> None:
+def launch(cfg: RunConfig, run: RunDir, executor: Executor, *, wait: bool, console: Console,
+           command: str = "the same command") -> None:
     """Submit every stage not yet completed. With `wait`, each stage must end before the next is
     submitted (the local executor has no dependencies); otherwise stages chain with afterok.
 
@@ -142,11 +150,11 @@ def launch(cfg: RunConfig, run: RunDir, executor: Executor, *, wait: bool, conso
                                         () if wait else after, console)
             upstream_new = True
         if wait:  # no dependencies here: each step ends before the next is submitted (the lock is not held meanwhile)
-            _wait(run, stage, jobs, console)
+            _wait(run, stage, jobs, console, command)
             for step in steps[1:]:
                 with run.locked():
                     jobs, _ = _submit_steps(cfg, run, executor, stage, (step,), (), console)
-                _wait(run, stage, jobs, console)
+                _wait(run, stage, jobs, console, command)
             _check_completed(run, stage, console)
 
 
@@ -169,20 +177,47 @@ def _submit_steps(cfg: RunConfig, run: RunDir, executor: Executor, stage: str, s
     return jobs, after
 
 
-def _wait(run: RunDir, stage: str, jobs: list[Any], console: Console) -> None:
+def _wait(run: RunDir, stage: str, jobs: list[Any], console: Console, command: str) -> None:
     with console.status(f"{stage}: running {len(jobs)} job(s); logs in {run.log_dir(stage)}"):
         for job in jobs:
             try:
                 job.results()
             except (FailedJobError, UncompletedJobError) as e:
                 entry = run.read_state()["stages"][stage]
+                if entry["status"] == "stopped":
+                    raise StageStopped(_stopped(run, stage, command)) from None
                 # The failing task records its own error; a job killed from outside cannot.
                 error = entry.get("error") if entry["status"] == "failed" else None
                 if error is None:
-                    error = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+                    error = error_line(str(e)) or type(e).__name__
                     run.update_stage(stage, status="failed", error=error, finished_at=now_iso())
                 raise StageFailed(f"stage {stage!r} failed in job {job.job_id}: {error} "
                                   f"(full log: stillroom logs {run.path} {stage})") from None
+
+
+def _stopped(run: RunDir, stage: str, command: str) -> str:
+    """Where a stopped stage stands, from its progress file when it has one, and how to resume it."""
+    try:
+        progress = json.loads(run.layout.progress(stage).read_text())
+    except (OSError, ValueError):
+        progress = {}
+    where = f" at step {progress['step']}" if "step" in progress else ""
+    why = f" ({progress['reason']})" if progress.get("last_event") == "stop" and progress.get("reason") else ""
+    saved = f"; its last checkpoint is {run.layout.checkpoints(stage) / progress['path']}" \
+        if progress.get("path") else ""
+    return f"stage {stage!r} stopped{where}{why} and saved its state{saved}. Resume it with: {command}"
+
+
+# Progress bars (tqdm, transformers' "Loading weights") end many logs; they are never the reason.
+_PROGRESS_BAR = re.compile(r"\d+%\||[█▏▎▍▌▋▊▉]|\r")
+_ERROR_LINE = re.compile(r"^(\w+\.)*\w*(Error|Exception|Exit|Interrupt)\b|\b(error|fatal):", re.IGNORECASE)
+
+
+def error_line(text: str) -> str:
+    """The line of a failed job's output that says why: the last exception or error line, else the last line
+    that is not a progress bar; "" when there is none."""
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not _PROGRESS_BAR.search(line)]
+    return next((line for line in reversed(lines) if _ERROR_LINE.search(line)), lines[-1] if lines else "")
 
 
 def _check_completed(run: RunDir, stage: str, console: Console) -> None:

@@ -17,7 +17,8 @@ from launcher.lock import RunLock, probe_lock_kind
 from launcher.run_config import RunConfig, load_run_config
 
 STATE_VERSION = 1
-STATUSES = ("pending", "submitted", "running", "completed", "failed", "cancelled")
+# "stopped": its tasks saved and left for a requeue (a stop signal or the time budget); it resumes when run again.
+STATUSES = ("pending", "submitted", "running", "stopped", "completed", "failed", "cancelled")
 
 
 class RunDirError(RuntimeError):
@@ -184,7 +185,8 @@ class RunDir:
                 entry["tasks_done"].append(tag)
                 if len(entry["tasks_done"]) >= entry.get("tasks", 1):
                     fields = {"status": "completed", "finished_at": now_iso(), **fields}
-            if entry["status"] in ("failed", "cancelled") and fields.get("status") in ("running", "completed"):
+            late = fields.get("status") in ("running", "stopped", "completed")
+            if entry["status"] in ("failed", "cancelled") and late:
                 # A late task must not hide that a sibling failed; only a new submission clears it.
                 fields.pop("status")
             if (attempt := fields.pop("attempt", None)) is not None:

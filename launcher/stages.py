@@ -33,6 +33,7 @@ from launcher.rundir import RunDir, now_iso
 from slurm.requeue import RequeueWitness
 from slurm.resources import Resources
 from slurm.taskenv import TaskEnv, task_env
+from training.stop import REQUEUE_EXIT_CODE
 
 
 def _no_array(cfg: RunConfig) -> int:
@@ -310,6 +311,10 @@ class StageTask(submitit.helpers.Checkpointable):
         witness = RequeueWitness().install()
         try:
             result = step.run(cfg, run.layout, env, self.element)
+        except SystemExit as e:
+            if e.code == REQUEUE_EXIT_CODE and (env.is_main or self.element is not None):
+                run.update_stage(self.stage, status="stopped", stopped_at=now_iso())  # saved; resumes when rerun
+            raise
         except Exception as e:
             witness.wait_if_requeued(env.rank, e)  # an error that only echoes rank 0's requeue is not a failure
             witness.uninstall()

@@ -24,7 +24,7 @@ def refresh(run: RunDir) -> dict[str, Any]:
     for stage, entry in state["stages"].items():
         if (progress := _progress(run, stage)) is not None:
             entry["progress"] = progress
-        if entry.get("status") not in ("submitted", "running") or not entry.get("job_ids"):
+        if entry.get("status") not in ("submitted", "running", "stopped") or not entry.get("job_ids"):
             continue
         try:
             sched = make_executor(entry["executor"]).states(entry["job_ids"])

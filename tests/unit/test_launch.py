@@ -15,12 +15,15 @@ from typing import Any
 
 import pytest
 from rich.console import Console
+from submitit.core.utils import FailedJobError
 
-from launcher.pipeline import StageFailed, launch
+from launcher.pipeline import StageFailed, StageStopped, launch
 from launcher.run_config import RunConfig, load_run_config
 from launcher.rundir import RunDir
+from launcher.stages import STAGES, Stage, StageTask, Step
 from slurm.executor import NEVER_SATISFIED, SubmissionError
 from tests.fakes import FakeExecutor, FakeJob
+from training.stop import REQUEUE_EXIT_CODE
 
 PIPELINE = ["shard", "cpt", "teacher_logits", "distill", "report"]
 
@@ -327,3 +330,56 @@ def test_an_element_failed_while_its_siblings_run_submits_nothing_and_keeps_thei
     assert fake.names == [] and fake.cancelled == []
     assert stages_of(run) == before  # the running elements' ids stay where cancel and status find them
     assert "jobs 500_1, 500_2, 501 still run, so nothing is resubmitted" in out
+
+
+def test_a_progress_bar_at_the_end_of_a_failed_job_is_never_the_reason(tmp_path: Path) -> None:
+    """A job killed from outside cannot record its error: the reason is read from its output."""
+    cfg, run = make_run(tmp_path, ["probe"])
+    fake = FakeExecutor(kind="local")
+    fake.fail("1000", "Traceback (most recent call last):\n  File \"x.py\", line 1\n"
+                      "torch.OutOfMemoryError: CUDA out of memory\n"
+                      "Loading weights: 100%|██████████| 38/38 [00:00<00:00, 1262.48it/s]\n")
+    with pytest.raises(StageFailed, match=r"failed in job 1000: torch.OutOfMemoryError: CUDA out of memory \("):
+        run_launch(cfg, run, fake, wait=True)
+    assert stages_of(run)["probe"]["error"] == "torch.OutOfMemoryError: CUDA out of memory"
+
+
+def test_a_stage_stopped_for_requeue_is_reported_as_stopped_with_its_checkpoint_and_the_command(
+        tmp_path: Path) -> None:
+    cfg, run = make_run(tmp_path, ["cpt", "report"], "cpt.resources.tasks_per_node=1")
+
+    def stop_and_leave(job: FakeJob) -> None:  # what the trainer and its StageTask leave behind on SIGTERM
+        run.stage_dir("cpt").mkdir(exist_ok=True)
+        run.layout.progress("cpt").write_text(json.dumps({"step": 40, "last_event": "stop", "reason": "signal SIGTERM",
+                                                           "path": "step-0000000040"}))
+        run.update_stage("cpt", status="stopped")
+        raise FailedJobError("Job (task=0) failed during processing with trace:\nLoading weights: 100%|███| 38/38")
+
+    fake = FakeExecutor(kind="local", on_results=stop_and_leave)
+    out = io.StringIO()
+    with pytest.raises(StageStopped) as stopped:
+        launch(cfg, run, fake, wait=True, console=Console(file=out), command="stillroom run mine.toml")
+    message = str(stopped.value)
+    assert message.startswith("stage 'cpt' stopped at step 40 (signal SIGTERM) and saved its state")
+    assert str(run.layout.checkpoints("cpt") / "step-0000000040") in message
+    assert message.endswith("Resume it with: stillroom run mine.toml") and "Loading weights" not in message
+    assert stages_of(run)["cpt"]["status"] == "stopped" and fake.names == ["pipe.cpt.train"]
+    run_launch(cfg, run, FakeExecutor(kind="local", first_id=2000, on_results=_task_reports_done), wait=True)
+    assert {s: e["status"] for s, e in stages_of(run).items()} == {"cpt": "completed", "report": "completed"}
+
+
+def _leave_for_requeue(cfg: RunConfig, layout: Any, env: Any, element: int | None) -> None:
+    raise SystemExit(REQUEUE_EXIT_CODE)
+
+
+def test_a_task_that_leaves_for_requeue_records_its_stage_stopped(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg, run = make_run(tmp_path, ["cpt"])
+    run.update_stage("cpt", status="submitted", executor="local", job_ids=["1"], tasks=1)
+    # The trainer itself is replaced: what is under test is the task's handling of its exit for requeue.
+    stages = {**STAGES, "cpt": Stage("cpt", (Step("train", _leave_for_requeue),))}
+    monkeypatch.setattr("launcher.stages.STAGES", stages)
+    with pytest.raises(SystemExit):
+        StageTask("cpt", "train", str(run.path))()
+    entry = stages_of(run)["cpt"]
+    assert entry["status"] == "stopped" and entry["stopped_at"] and entry["tasks_done"] == []
