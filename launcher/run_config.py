@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,8 +25,12 @@ class RunSection:
     root: str = "runs"  # folder that holds run directories (on a cluster: shared storage, not /tmp)
     executor: Literal["local", "slurm"] = "local"  # where `stillroom run` runs stages; `submit` always uses slurm
     stages: tuple[str, ...] = ("probe",)  # stages to run, in this order
+    dir_mode: str = "0700"  # permissions of a new run directory, octal ("0750": your group may read it too)
+    lock: Literal["auto", "flock", "file"] = "auto"  # run-directory locks: probe the filesystem, or force one kind
 
     def __post_init__(self) -> None:
+        if not re.fullmatch(r"0?[0-7]{3}", self.dir_mode) or not int(self.dir_mode, 8) & 0o700 == 0o700:
+            raise ValueError(f"dir_mode must be octal permissions that let you in, e.g. '0700', got {self.dir_mode!r}")
         # Both reach the sbatch script (job name, log paths): a newline there would start a shell command.
         check_text("name", self.name)
         check_text("root", self.root)

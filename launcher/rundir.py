@@ -47,7 +47,8 @@ def config_diff(old: RunConfig, new: RunConfig) -> list[str]:
 
 # Keys that change how a run is executed, not what it computes: a run directory accepts new values
 # for these (e.g. resume a 2-node job on 1 node, keeping micro_batch x grad_accum x ranks).
-_RESUMABLE_CHANGES = ("resources.", "run.executor", "engine.grad_accum", "engine.micro_batch")
+_RESUMABLE_CHANGES = ("resources.", "run.executor", "run.dir_mode", "run.lock", "engine.grad_accum",
+                      "engine.micro_batch")
 
 
 def resumable_change(key: str) -> bool:
@@ -91,8 +92,12 @@ class RunDir:
         changes of how it runs (resources, executor, batch split; `changes` lists them). Under the run lock:
         of two commands creating one run at once, the second reopens what the first created."""
         run = cls(cfg.run_dir.resolve())
-        run.path.mkdir(parents=True, exist_ok=True)
-        run._record_lock_kind()
+        if not run.path.exists():
+            # A run directory is trusted code (submitit unpickles its task files, DeepSpeed its checkpoints):
+            # by default only its owner may read or write it.
+            run.path.mkdir(parents=True, exist_ok=True)
+            run.path.chmod(int(cfg.run.dir_mode, 8))
+        run._record_lock_kind(cfg.run.lock)
         with run.locked():
             run._create_or_reopen(cfg)
         return run
@@ -146,12 +151,13 @@ class RunDir:
         except FileNotFoundError:
             return "flock"
 
-    def _record_lock_kind(self) -> None:
-        """Probe once, at creation; of several creators at once the first link wins and all use its answer."""
+    def _record_lock_kind(self, configured: str) -> None:
+        """Probe once ("auto"), at creation; of several creators at once the first link wins and all use its
+        answer, so every process of the run locks the same way whatever a later config says."""
         if self.layout.lock_kind.exists():
             return
         mine = temp_path(self.layout.lock_kind)
-        mine.write_text(probe_lock_kind(self.path) + "\n")
+        mine.write_text((probe_lock_kind(self.path) if configured == "auto" else configured) + "\n")
         with contextlib.suppress(FileExistsError):
             os.link(mine, self.layout.lock_kind)
         mine.unlink(missing_ok=True)
