@@ -8,6 +8,7 @@ must not reach a user.
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +22,27 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "tokenizer.model", "generation_config.json")
 
 
+class ExportInterrupted(RuntimeError):
+    """A stop signal came while the export was written: nothing was published, the final checkpoint stands."""
+
+
+def _never() -> bool:
+    return False
+
+
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
 
 
 def export_model(engine: Any, cfg: TrainConfig, folder: Path, source: Path | None, device: torch.device, rank: int,
-                 provenance: dict[str, Any]) -> dict[str, Any]:
+                 provenance: dict[str, Any], interrupted: Callable[[], bool] = _never) -> dict[str, Any]:
+    """Write the export from rank 0 (every rank takes part in a ZeRO-3 consolidation).
+
+    `interrupted` is asked between the long parts (writing, loading back): when it says yes, the export is
+    abandoned, unpublished, with ExportInterrupted, so that a job told to stop leaves within its signal lead
+    time instead of being killed at its limit; the next attempt exports from the final checkpoint.
+    """
     if source is not None:  # export the best checkpoint's weights rather than the last ones
         engine.load_checkpoint(str(source.parent), tag=source.name, load_optimizer_states=False,
                                load_lr_scheduler_states=False)
@@ -49,7 +64,11 @@ def export_model(engine: Any, cfg: TrainConfig, folder: Path, source: Path | Non
                 if (Path(cfg.model.path) / name).exists():
                     shutil.copy2(Path(cfg.model.path) / name, tmp / name)
             publish_json(tmp / "provenance.json", provenance)
+            if interrupted():
+                raise ExportInterrupted("stop signal while writing the export")
             result = check_export(tmp, probe.cpu(), reference, cfg.model.dtype)  # before anything is published
+            if interrupted():
+                raise ExportInterrupted("stop signal while checking the export")
         print(f"[train] exported {folder} (max |logit difference| {result['max_logit_diff']:.2e})", flush=True)
     _barrier()
     engine.train()

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -31,7 +31,7 @@ from training.config import TrainConfig
 from training.data import EvalSet, MixedStream, OpenedSource, check_compatible, open_sources
 from training.engine import build_engine, deepspeed_config, load_model, model_fingerprint, setup_distributed
 from training.evaluate import EarlyStopping, evaluate
-from training.export import export_model
+from training.export import ExportInterrupted, export_model
 from training.metrics import MetricsLog
 from training.schedule import lr_at
 from training.stop import REQUEUE_EXIT_CODE, StopRequest
@@ -241,20 +241,20 @@ def save_checkpoint(checkpoints: Checkpointer, engine: Any, state: TrainState, s
 
 
 def _export(engine: Any, cfg: TrainConfig, paths: TrainPaths, checkpoints: Checkpointer, early: EarlyStopping,
-            state: TrainState, objective: Objective, stopped: str | None, device: torch.device,
-            rank: int) -> dict[str, Any]:
+            state: TrainState, objective: Objective, stopped: str | None, device: torch.device, rank: int,
+            interrupted: Callable[[], bool]) -> dict[str, Any]:
     """The final (or best) weights as a Hugging Face folder, with where they came from."""
     source = checkpoints.best() if cfg.export == "best" and early.best is not None else None
     result = export_model(engine, cfg, paths.export, source, device, rank, provenance={
         "objective": objective.name, **(objective.extra or {}), "base_model": cfg.model.path,
         "data_manifests": state.manifest_sha256, "steps": state.step, "tokens": state.tokens,
-        "validation": early.last, "stopped": stopped, "config_sha256": state.config_sha256})
+        "validation": early.last, "stopped": stopped, "config_sha256": state.config_sha256}, interrupted=interrupted)
     final = early.last.get("domain_loss", math.nan)
     return {"step": state.step, "tokens": state.tokens, "export": str(paths.export), **result,
             "final_domain_loss": None if math.isnan(final) else final}
 
 
-def _leave(stop: StopRequest, log: MetricsLog, rank: int, cfg: TrainConfig, reason: str, saved: str) -> None:
+def _leave(stop: StopRequest, log: MetricsLog, rank: int, cfg: TrainConfig, reason: str, saved: str) -> NoReturn:
     log.record("stop", reason=reason)
     if log.active:
         print(f"[train] stopping at step {log.state.step}: {reason}; {saved}, exit for requeue", flush=True)
@@ -262,7 +262,7 @@ def _leave(stop: StopRequest, log: MetricsLog, rank: int, cfg: TrainConfig, reas
     _exit_for_requeue(stop, rank, cfg.resources.signal_number)
 
 
-def _exit_for_requeue(stop: StopRequest, rank: int, requeue_signal: signal.Signals) -> None:
+def _exit_for_requeue(stop: StopRequest, rank: int, requeue_signal: signal.Signals) -> NoReturn:
     """Leave after a stop-checkpoint so that the job runs again.
 
     Under submitit (Slurm or local) its own signal handler requeues the job from rank 0: hand it the
@@ -303,8 +303,7 @@ def _train(cfg: TrainConfig, paths: TrainPaths, env: TaskEnv, objective: Objecti
                        model_fingerprint=model_fingerprint(cfg.model.path), tokenizer_sha256=data.tokenizer_sha256)
     stop.set_deadline(_job_end_time(env), margin_s=float(cfg.resources.signal_lead_s))
     early = EarlyStopping(cfg.eval.patience, cfg.eval.min_delta, cfg.eval.forgetting_pct)
-    log = MetricsLog(paths.metrics, paths.progress, state, active=main, objective=objective.name,
-                     total_steps=cfg.steps)
+    log = MetricsLog(paths.metrics, paths.progress, state, active=main, objective=objective.name, total_steps=cfg.steps)
 
     # --- resume from the newest valid checkpoint, if any --------------------------------------------------------------
     if resumed is not None and load_from is not None:
@@ -350,6 +349,13 @@ def _train(cfg: TrainConfig, paths: TrainPaths, env: TaskEnv, objective: Objecti
         if requested:
             _leave(stop, log, rank, cfg, requested, "checkpoint saved")
 
-    # --- export -------------------------------------------------------------------------------------------------
+    # --- export: a stop signal during the final save or the export requeues; the next attempt exports ------------
+    if requested := stop.agree(device):
+        _leave(stop, log, rank, cfg, requested, "final checkpoint saved")
+    try:
+        result = _export(engine, cfg, paths, checkpoints, early, state, objective, stopped, device, rank,
+                         interrupted=lambda: stop.received_signal is not None)
+    except ExportInterrupted as e:
+        _leave(stop, log, rank, cfg, str(e), "final checkpoint saved, export not published")
     log.close()
-    return _export(engine, cfg, paths, checkpoints, early, state, objective, stopped, device, rank)
+    return result
