@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
 from launcher.config import ConfigError, config_hash, dump_toml, field_docs, to_plain
 from launcher.run_config import RunConfig, load_run_config
@@ -179,7 +180,7 @@ def _launch(args: argparse.Namespace, console: Console) -> int:
     run = RunDir.create(cfg)
     console.print(f"run directory: {run.path}")
     for change in run.changes:
-        console.print(f"[yellow]config change accepted on resume[/]: {change}")
+        console.print(f"[yellow]config change accepted on resume[/]: {escape(change)}")
     launch(cfg, run, executor, wait=args.command != "submit", console=console,
            command=shlex.join(["stillroom", args.command, str(args.config), *args.overrides]))
     if args.command == "submit":
@@ -202,7 +203,7 @@ def _inspect(args: argparse.Namespace, console: Console) -> int:
     if args.verify:
         problems = manifest.verify(args.folder)
         for problem in problems:
-            console.print(f"[red]BAD[/] {problem}")
+            console.print(f"[red]BAD[/] {escape(problem)}")
         console.print(f"verified {len(manifest.shards)} shards: {len(problems)} bad")
         if problems:
             return 1

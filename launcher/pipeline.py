@@ -8,6 +8,7 @@ import time
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from submitit.core.utils import FailedJobError, UncompletedJobError
 
 from launcher.run_config import RunConfig
@@ -122,7 +123,8 @@ def launch(cfg: RunConfig, run: RunDir, executor: Executor, *, wait: bool, conso
             alive = _alive(entry, states)
             if alive and not upstream_new:
                 if entry.get("status") == "failed":  # one array element failed while its siblings still run
-                    console.print(f"[red]✗[/] {stage}: {entry.get('error') or 'failed'}; jobs {', '.join(alive)} "
+                    error = escape(entry.get("error") or "failed")  # an error may hold [brackets] rich would parse
+                    console.print(f"[red]✗[/] {stage}: {error}; jobs {', '.join(alive)} "
                                   f"still run, so nothing is resubmitted: run the same command again once they "
                                   f"end (stillroom status {run.path})")
                     return
@@ -140,8 +142,8 @@ def launch(cfg: RunConfig, run: RunDir, executor: Executor, *, wait: bool, conso
                 _cancel_confirmed(executor, doomed)
                 console.print(f"[yellow]↻[/] {stage}: cancelled jobs {', '.join(doomed)}, which {why}")
             elif entry.get("job_ids"):
-                console.print(f"[yellow]↻[/] {stage}: {_what_happened(entry, states)}; resubmitting: it resumes "
-                              "from its last valid state")
+                console.print(f"[yellow]↻[/] {stage}: {escape(_what_happened(entry, states))}; resubmitting: it "
+                              "resumes from its last valid state")
             past = entry.get("past_job_ids", []) + entry.get("job_ids", [])  # all ended: kept, never dropped
             run.update_stage(stage, status="submitted", executor=executor.kind, job_ids=[], past_job_ids=past,
                              tasks_done=[], tasks=task_count(cfg, stage), submitted_at=now_iso(), error=None)

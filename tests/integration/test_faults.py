@@ -8,7 +8,6 @@ start to the first step for the resumed attempts against the cold start.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import random
 import signal
@@ -22,26 +21,33 @@ import pytest
 from launcher.cli import main
 from launcher.rundir import RunDir
 from launcher.status import log_files, refresh
+from slurm.executor import TERMINAL_STATES
 
-from .helpers import REPO, wait_finished, wait_for
-from .test_cpt import cpt_config, wait_for_step, weights
+from .helpers import (
+    REPO,
+    Reference,
+    bitwise_equal,
+    losses,
+    records,
+    run_dir,
+    running_in_background,
+    train_config,
+    wait_finished,
+    wait_for,
+    wait_for_step,
+    weights,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm, pytest.mark.usefixtures("slurm_cluster")]
 
 FAST = ["cpt.log_every=1", "cpt.eval.every=1000", "cpt.resources.mem_gb=3"]
 
 
-def records(run_dir: Path, *kinds: str) -> list[dict[str, Any]]:
-    path = run_dir / "cpt" / "metrics.jsonl"
-    lines = path.read_text().splitlines() if path.exists() else []  # not yet written: the job is starting
-    return [r for r in map(json.loads, lines) if r["kind"] in kinds]
-
-
 def interruptions(run_dir: Path) -> list[dict[str, Any]]:
     """Per resumed attempt: the step it resumed from, the steps lost, its time from process start to the
     first step, and the downtime from the last step before the interruption to that first step."""
     found, last_step, last_time = [], 0, 0.0
-    for r in records(run_dir, "train", "first_step"):
+    for r in records(run_dir, "cpt", "train", "first_step"):
         if r["kind"] == "train":
             last_step, last_time = max(last_step, r["step"]), r["time"]
         elif r["resumed"]:
@@ -55,7 +61,7 @@ def interruptions(run_dir: Path) -> list[dict[str, Any]]:
 def attempt_reached(run_dir: Path, attempt: int, step: int) -> bool:
     """Whether the attempt-th process start has logged a training step >= `step`."""
     starts = 0
-    for r in records(run_dir, "train", "first_step"):
+    for r in records(run_dir, "cpt", "train", "first_step"):
         starts += r["kind"] == "first_step"
         if starts == attempt and r["kind"] == "train" and r["step"] >= step:
             return True
@@ -63,7 +69,7 @@ def attempt_reached(run_dir: Path, attempt: int, step: int) -> bool:
 
 
 def report(name: str, run_dir: Path) -> list[dict[str, Any]]:
-    cold = [r["seconds_since_process_start"] for r in records(run_dir, "first_step") if not r["resumed"]]
+    cold = [r["seconds_since_process_start"] for r in records(run_dir, "cpt", "first_step") if not r["resumed"]]
     found = interruptions(run_dir)
     print(f"\n[fault] {name}: cold start {cold[0]:.1f} s to first step; resumes: {found}", flush=True)
     return found
@@ -96,20 +102,24 @@ def test_scontrol_requeue_at_three_random_steps_is_bitwise_exact(tmp_path: Path,
                                                                  base_model: Path) -> None:
     # micro_batch 32 makes a step take about 0.2 s here: a requeue lands 1-3 steps after it is sent, so the
     # last one (at step <= 38) always arrives well before step 60 ends the run.
+    # The uninterrupted reference of the same config (only this test uses it) trains on this machine while
+    # the job waits on the scheduler between its attempts; a busy CPU only makes the steps slower.
     overrides = [*FAST, "cpt.steps=60", "cpt.engine.micro_batch=32", "cpt.checkpoint.every_steps=10"]
-    assert main(["run", str(cpt_config(tmp_path / "reference", shards, base_model)), *overrides]) == 0
-    assert main(["submit", str(cpt_config(tmp_path / "requeued", shards, base_model)), *overrides]) == 0
-    run = RunDir(tmp_path / "requeued" / "runs" / "cpt")
-    job = job_of(run)
-    rng = random.Random(os.environ.get("STILLROOM_FAULT_SEED", time.time_ns()))
-    at = sorted(rng.sample(range(2, 40, 3), 3))  # spread over the first two thirds of the run
-    print(f"\n[fault] requeue at steps {at}")
-    for n, step in enumerate(at, 1):
-        # Attempt n must be training past `step` (a slow stop could have overshot the planned step).
-        wait_for(f"attempt {n} at step {step}", lambda n=n, step=step: attempt_reached(run.path, n, step), 300)
-        subprocess.run(["scontrol", "requeue", job], check=True, capture_output=True)
-        wait_for(f"stop #{n}", lambda n=n: len(records(run.path, "stop")) >= n, timeout=60)
-    entry = wait_finished(run, "cpt", timeout=600)
+    assert main(["submit", str(train_config(tmp_path / "requeued", "cpt", shards, base_model)), *overrides]) == 0
+    with running_in_background("run", str(train_config(tmp_path / "reference", "cpt", shards, base_model)),
+                               *overrides) as reference:
+        run = RunDir(run_dir(tmp_path / "requeued", "cpt"))
+        job = job_of(run)
+        rng = random.Random(os.environ.get("STILLROOM_FAULT_SEED", time.time_ns()))
+        at = sorted(rng.sample(range(2, 40, 3), 3))  # spread over the first two thirds of the run
+        print(f"\n[fault] requeue at steps {at}")
+        for n, step in enumerate(at, 1):
+            # Attempt n must be training past `step` (a slow stop could have overshot the planned step).
+            wait_for(f"attempt {n} at step {step}", lambda n=n, step=step: attempt_reached(run.path, n, step), 300)
+            subprocess.run(["scontrol", "requeue", job], check=True, capture_output=True)
+            wait_for(f"stop #{n}", lambda n=n: len(records(run.path, "cpt", "stop")) >= n, timeout=60)
+        entry = wait_finished(run, "cpt", timeout=600)
+        assert reference.wait(timeout=600) == 0, "the reference run failed"
     assert entry["status"] == "completed" and entry["attempts"] == 4, entry
     found = report("scontrol requeue x3", run.path)
     rank0 = "".join(p.read_text() for p in log_files(run, "cpt", 0))  # what `stillroom logs` prints
@@ -117,20 +127,17 @@ def test_scontrol_requeue_at_three_random_steps_is_bitwise_exact(tmp_path: Path,
     progress = refresh(run)["stages"]["cpt"]["progress"]
     assert progress["step"] == progress["total_steps"] == 60 and progress["last_event"] == "checkpoint"
     assert [f["lost"] for f in found] == [0, 0, 0], "a signalled requeue loses no optimizer step"
-    ref_dir = tmp_path / "reference" / "runs" / "cpt"
-    ref = {r["step"]: r["loss"] for r in records(ref_dir, "train")}
-    got = {r["step"]: r["loss"] for r in records(run.path, "train")}
-    assert got == ref, "every step's loss equals the uninterrupted run's"
-    a, b = weights(ref_dir), weights(run.path)
-    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a), "final weights are bitwise equal"
+    ref_dir = run_dir(tmp_path / "reference", "cpt")
+    assert losses(run.path, "cpt") == losses(ref_dir, "cpt"), "every step's loss equals the uninterrupted run's"
+    assert bitwise_equal(weights(ref_dir, "cpt"), weights(run.path, "cpt")), "final weights are bitwise equal"
 
 
 def test_preemption_by_the_high_partition_saves_requeues_and_finishes(tmp_path: Path, shards: Path,
                                                                       base_model: Path) -> None:
-    config = cpt_config(tmp_path, shards, base_model)
+    config = train_config(tmp_path, "cpt", shards, base_model)
     assert main(["submit", str(config), *FAST, "cpt.steps=40", "cpt.checkpoint.every_steps=0"]) == 0
-    run = RunDir(tmp_path / "runs" / "cpt")
-    wait_for_step(run.path / "cpt" / "metrics.jsonl", 5)
+    run = RunDir(run_dir(tmp_path, "cpt"))
+    wait_for_step(run.path, "cpt", 5)
     # Every CPU of both nodes: only preempting the cpt job makes room.
     high = subprocess.run(["sbatch", "--parsable", "-p", "high", "-N", "2", "--ntasks-per-node=1", "-c", "4",
                            "--mem=1G", "-o", str(tmp_path / "high.out"), "--wrap", "sleep 2"],
@@ -138,10 +145,10 @@ def test_preemption_by_the_high_partition_saves_requeues_and_finishes(tmp_path: 
     wait_for("the high-priority job to finish", lambda: sacct_field(high, "State") == "COMPLETED", timeout=120)
     entry = wait_finished(run, "cpt", timeout=600)
     assert entry["status"] == "completed" and entry["attempts"] >= 2, entry
-    (stop,) = records(run.path, "stop")
+    (stop,) = records(run.path, "cpt", "stop")
     assert stop["reason"].startswith("signal"), stop
     assert [f["lost"] for f in report("preemption", run.path)] == [0]
-    assert records(run.path, "train")[-1]["step"] == 40
+    assert records(run.path, "cpt", "train")[-1]["step"] == 40
 
 
 @pytest.mark.timeout(1200)
@@ -152,18 +159,18 @@ def test_time_limit_shorter_than_training_checkpoints_requeues_and_completes(tmp
     # attempts. Slurm sends the signal up to a minute early, so an attempt may train for only half a minute
     # (1-minute attempts spent most of theirs starting: 13 attempts in one CI run); the requeue budget is
     # generous, since the test is about surviving them, not counting them.
-    config = cpt_config(tmp_path, shards, base_model)
+    config = train_config(tmp_path, "cpt", shards, base_model)
     assert main(["submit", str(config), *FAST, "cpt.steps=300", "cpt.engine.micro_batch=32",
                  "cpt.checkpoint.every_steps=0", "cpt.resources.time_min=2", "cpt.resources.signal_lead_s=25",
                  "cpt.resources.max_requeues=30"]) == 0
-    run = RunDir(tmp_path / "runs" / "cpt")
+    run = RunDir(run_dir(tmp_path, "cpt"))
     entry = wait_finished(run, "cpt", timeout=900)
     assert entry["status"] == "completed" and entry["attempts"] >= 2, entry
-    stops = records(run.path, "stop")
+    stops = records(run.path, "cpt", "stop")
     assert stops and all(s["reason"].startswith(("time budget", "signal")) for s in stops), stops
     wait_for("Slurm to record the job COMPLETED", lambda: sacct_field(job_of(run), "State") == "COMPLETED", timeout=60)
     assert all(f["lost"] == 0 for f in report(f"time limit, {len(stops)} stops: {stops}", run.path))
-    assert records(run.path, "train")[-1]["step"] == 300
+    assert records(run.path, "cpt", "train")[-1]["step"] == 300
 
 
 def tcp_states(pid: int) -> set[str]:
@@ -183,31 +190,31 @@ def test_requeue_signal_during_start_up_leaves_once_set_up_and_the_stage_complet
     # Slurm may signal an attempt still joining its process group (short limits make it common). Rank 0
     # then used to requeue from inside the rendezvous, and rank 1's "connection closed by peer" marked the
     # stage failed while its next attempt was already queued.
-    config = cpt_config(tmp_path, shards, base_model)
+    config = train_config(tmp_path, "cpt", shards, base_model)
     assert main(["submit", str(config), *FAST, "cpt.steps=10"]) == 0
-    run = RunDir(tmp_path / "runs" / "cpt")
+    run = RunDir(run_dir(tmp_path, "cpt"))
     job = job_of(run)
     (rank0,) = wait_for("rank 0's process", lambda: task_pids(job, SLURM_PROCID="0"), timeout=120)
     (rank1,) = wait_for("rank 1's process", lambda: task_pids(job, SLURM_PROCID="1"), timeout=120)
     # Rank 0 serves the rendezvous store and rank 1 is connected to it: both are joining the process group.
     wait_for("both ranks in the rendezvous", lambda: "0A" in tcp_states(rank0) and "01" in tcp_states(rank1),
              timeout=120)
-    assert not records(run.path, "first_step"), "training began before the signal could be sent"
+    assert not records(run.path, "cpt", "first_step"), "training began before the signal could be sent"
     subprocess.run(["scancel", "--signal=USR2", job], check=True, capture_output=True)  # what --signal sends
     entry = wait_finished(run, "cpt", timeout=300)
     assert entry["status"] == "completed" and entry["attempts"] == 2, entry
     logs = "".join(p.read_text() for p in log_files(run, "cpt", 0))
     assert "stopping at step 0: signal SIGUSR2; nothing new to save, exit for requeue" in logs
-    assert [r["step"] for r in records(run.path, "stop")] == [0]
-    assert records(run.path, "train")[-1]["step"] == 10
+    assert [r["step"] for r in records(run.path, "cpt", "stop")] == [0]
+    assert records(run.path, "cpt", "train")[-1]["step"] == 10
 
 
 def test_sigkill_during_a_checkpoint_write_resumes_from_the_previous_one(tmp_path: Path, shards: Path,
                                                                        base_model: Path) -> None:
-    config = cpt_config(tmp_path, shards, base_model)
+    config = train_config(tmp_path, "cpt", shards, base_model)
     overrides = [*FAST, "cpt.steps=30", "cpt.checkpoint.every_steps=5"]
     assert main(["submit", str(config), *overrides]) == 0
-    run = RunDir(tmp_path / "runs" / "cpt")
+    run = RunDir(run_dir(tmp_path, "cpt"))
     job, checkpoints = job_of(run), run.path / "cpt" / "checkpoints"
     (rank0,) = wait_for("rank 0's process", lambda: task_pids(job, SLURM_PROCID="0"), timeout=120)
     deadline = time.monotonic() + 300
@@ -229,7 +236,7 @@ def test_sigkill_during_a_checkpoint_write_resumes_from_the_previous_one(tmp_pat
     found = report(f"SIGKILL mid-checkpoint (job ended {ended_after:.1f} s after the kill)", run.path)
     assert [f["resumed_from"] for f in found] == [5]
     assert ended_after < 60, "the surviving rank did not hang"
-    assert records(run.path, "train")[-1]["step"] == 30
+    assert records(run.path, "cpt", "train")[-1]["step"] == 30
 
 
 def _kill_node(node: str, job: str) -> None:
@@ -244,35 +251,40 @@ def _kill_node(node: str, job: str) -> None:
 
 
 def test_node_lost_during_a_two_node_run_recovers_on_resubmit(tmp_path: Path, shards: Path, base_model: Path) -> None:
-    config = cpt_config(tmp_path, shards, base_model)
+    config = train_config(tmp_path, "cpt", shards, base_model)
     overrides = [*FAST, "cpt.steps=40", "cpt.checkpoint.every_steps=5", "cpt.resources.nodes=2",
                  "cpt.resources.tasks_per_node=1"]
     assert main(["submit", str(config), *overrides]) == 0
-    run = RunDir(tmp_path / "runs" / "cpt")
-    wait_for_step(run.path / "cpt" / "metrics.jsonl", 12)
-    _kill_node("node2", job_of(run))
+    run = RunDir(run_dir(tmp_path, "cpt"))
+    wait_for_step(run.path, "cpt", 12)
+    job = job_of(run)
+    _kill_node("node2", job)
     entry = wait_finished(run, "cpt", timeout=300)
     assert entry["status"] == "failed", entry
     subprocess.run(["bash", str(REPO / "slurm" / "local_cluster.sh"), "start"], check=True)  # the node is back
+    # A stage marked failed by its surviving rank is resubmitted once the scheduler has ended its job.
+    wait_for("Slurm to end the job that lost a node",
+             lambda: (sacct_field(job, "State").split() or [""])[0] in TERMINAL_STATES, timeout=300)
     assert main(["submit", str(config), *overrides]) == 0
     entry = wait_finished(run, "cpt", timeout=600)
     assert entry["status"] == "completed", entry
     (found,) = report("node lost", run.path)
     assert found["resumed_from"] >= 10
-    assert records(run.path, "train")[-1]["step"] == 40
+    assert records(run.path, "cpt", "train")[-1]["step"] == 40
 
 
-def test_two_node_run_resumed_on_one_node_continues_the_same_data(tmp_path: Path, shards: Path,
-                                                                  base_model: Path) -> None:
-    overrides = [*FAST, "cpt.steps=24", "cpt.checkpoint.every_steps=0", "cpt.engine.grad_accum=2"]
-    assert main(["run", str(cpt_config(tmp_path / "reference", shards, base_model)), *overrides]) == 0
-    config = cpt_config(tmp_path / "moved", shards, base_model)
+def test_two_node_run_resumed_on_one_node_continues_the_same_data(tmp_path: Path, shards: Path, base_model: Path,
+                                                                  cpt_reference: Reference) -> None:
+    # Compared against the shared uninterrupted 2-rank run of the same config (test_cpt.py's resume tests use
+    # it too): 30 steps, a metrics line each, on one node.
+    overrides = list(cpt_reference.overrides)
+    config = train_config(tmp_path / "moved", "cpt", shards, base_model)
     two_nodes = ["cpt.resources.nodes=2", "cpt.resources.tasks_per_node=1"]
     assert main(["submit", str(config), *overrides, *two_nodes]) == 0
-    run = RunDir(tmp_path / "moved" / "runs" / "cpt")
-    wait_for_step(run.path / "cpt" / "metrics.jsonl", 8)
+    run = RunDir(run_dir(tmp_path / "moved", "cpt"))
+    wait_for_step(run.path, "cpt", 8)
     assert main(["cancel", str(run.path)]) == 0  # scancel: SIGTERM, the trainer saves at the next step
-    wait_for("the stop-checkpoint", lambda: records(run.path, "stop"), timeout=60)
+    wait_for("the stop-checkpoint", lambda: records(run.path, "cpt", "stop"), timeout=60)
     # One node, one rank: the same global batch is twice the accumulation.
     assert main(["submit", str(config), *overrides, "cpt.resources.nodes=1", "cpt.resources.tasks_per_node=1",
                  "cpt.engine.grad_accum=4"]) == 0
@@ -280,8 +292,7 @@ def test_two_node_run_resumed_on_one_node_continues_the_same_data(tmp_path: Path
     assert entry["status"] == "completed", entry
     (found,) = report("2 nodes -> 1 node", run.path)
     assert found["lost"] == 0
-    ref = {r["step"]: r["loss"] for r in records(tmp_path / "reference" / "runs" / "cpt", "train")}
-    got = {r["step"]: r["loss"] for r in records(run.path, "train")}
-    assert set(got) == set(ref) == set(range(1, 25))
-    for step in range(found["resumed_from"] + 1, 25):  # same samples; only the reduction order differs
+    ref, got = cpt_reference.losses, losses(run.path, "cpt")
+    assert set(got) == set(ref) == set(range(1, 31))
+    for step in range(found["resumed_from"] + 1, 31):  # same samples; only the reduction order differs
         assert got[step] == pytest.approx(ref[step], rel=1e-4), step

@@ -11,32 +11,32 @@ import pytest
 from launcher.cli import main
 from launcher.rundir import RunDir
 
-from .helpers import wait_finished, wait_for
+from .helpers import wait_finished, wait_for, write_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm, pytest.mark.usefixtures("slurm_cluster")]
 
 
 def test_shard_cpt_teacher_logits_distill_report_in_one_run(tmp_path: Path, corpora: dict[str, Path],
                                                             tokenizer_dir: Path, teacher_model: Path) -> None:
-    config = tmp_path / "pipeline.toml"
-    config.write_text("\n".join([
-        "[run]", f"root = {json.dumps(str(tmp_path / 'runs'))}", 'name = "all"',
-        'stages = ["shard", "cpt", "teacher_logits", "distill", "report"]',
-        "[resources]", "time_min = 20",
-        "[shard]", f"inputs = {json.dumps([str(corpora['licenses']), str(corpora['wiki'])])}",
-        f"tokenizer = {json.dumps(str(tokenizer_dir))}", "seq_len = 64", "val_fraction = 0.2", "tasks = 2",
-        "[shard.reader]", 'group_field = "group"',
-        "[cpt]", "steps = 6",
-        "[cpt.model]", f"path = {json.dumps(str(teacher_model))}",
-        "[cpt.engine]", "micro_batch = 4",
-        "[cpt.eval]", "every = 3", "batches = 2",
-        "[cpt.resources]", "tasks_per_node = 2",
-        "[teacher_logits]", "k = 16", "batch = 16",
-        "[distill]", "steps = 6", "student_layers = 2",
-        "[distill.engine]", "micro_batch = 4",
-        "[distill.eval]", "every = 3", "batches = 2",
-        "[distill.resources]", "tasks_per_node = 2",
-        "[report]", "max_rows = 16", ""]))
+    config = write_config(tmp_path / "pipeline.toml", {
+        "run": {"root": tmp_path / "runs", "name": "all",
+                "stages": ["shard", "cpt", "teacher_logits", "distill", "report"]},
+        "resources": {"time_min": 20},
+        "shard": {"inputs": [corpora["licenses"], corpora["wiki"]], "tokenizer": tokenizer_dir, "seq_len": 64,
+                  "val_fraction": 0.2, "tasks": 2},
+        "shard.reader": {"group_field": "group"},
+        "cpt": {"steps": 6},
+        "cpt.model": {"path": teacher_model},
+        "cpt.engine": {"micro_batch": 4},
+        "cpt.eval": {"every": 3, "batches": 2},
+        "cpt.resources": {"tasks_per_node": 2},
+        "teacher_logits": {"k": 16, "batch": 16},
+        "distill": {"steps": 6, "student_layers": 2},
+        "distill.engine": {"micro_batch": 4},
+        "distill.eval": {"every": 3, "batches": 2},
+        "distill.resources": {"tasks_per_node": 2},
+        "report": {"max_rows": 16},
+    })
     assert main(["submit", str(config)]) == 0  # every stage at once, chained with afterok
     run = tmp_path / "runs" / "all"
     assert wait_finished(RunDir(run), "report", timeout=900)["status"] == "completed"

@@ -19,16 +19,9 @@ from sharding.corpus import read_corpus
 from sharding.shards import Manifest, sha256_file
 from sharding.stage import work_paths
 
-from .conftest import shard_config
+from .helpers import shard, shard_config, wait_finished
 
 REASON_PREFIXES = ("read.", "normalize.", "quality.", "decontam.", "dedup.")
-
-
-def shard(folder: Path, inputs: list[Path], tokenizer: Path, *overrides: str, extra: tuple[str, ...] = ()) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    config = shard_config(folder, inputs, tokenizer, *extra)
-    assert main(["shard", str(config), *overrides]) == 0
-    return folder / "runs" / "shard" / "shard"
 
 
 def stats_of(out: Path) -> dict:  # type: ignore[type-arg]
@@ -67,15 +60,15 @@ def test_real_text_accounting_manifest_and_verify(tmp_path: Path, corpora: dict[
 
 
 def test_output_is_byte_identical_across_reruns_and_task_counts(tmp_path: Path, corpora: dict[str, Path],
-                                                                tokenizer_dir: Path) -> None:
+                                                                tokenizer_dir: Path, one_task_shards: Path) -> None:
     inputs = list(corpora.values())
-    one = shard(tmp_path / "one", inputs, tokenizer_dir, "shard.tasks=1")
+    one = one_task_shards  # the same inputs and config, sharded by 1 task (shared, read-only)
     three = shard(tmp_path / "three", inputs, tokenizer_dir, "shard.tasks=3")
     again = shard(tmp_path / "again", inputs, tokenizer_dir, "shard.tasks=3")
     assert file_hashes(one) == file_hashes(three) == file_hashes(again)
-    before = {p.name: p.stat().st_mtime_ns for p in one.iterdir()}
-    shard(tmp_path / "one", inputs, tokenizer_dir, "shard.tasks=1")  # finished: nothing is redone
-    assert {p.name: p.stat().st_mtime_ns for p in one.iterdir()} == before
+    before = {p.name: p.stat().st_mtime_ns for p in three.iterdir()}
+    shard(tmp_path / "three", inputs, tokenizer_dir, "shard.tasks=3")  # finished: nothing is redone
+    assert {p.name: p.stat().st_mtime_ns for p in three.iterdir()} == before
 
 
 def test_killed_map_task_resumes_at_the_file_where_it_stopped(tmp_path: Path, corpora: dict[str, Path],
@@ -148,11 +141,9 @@ def test_missing_input_and_bad_tokenizer_stop_before_any_work(tmp_path: Path, co
 @pytest.mark.slurm
 @pytest.mark.usefixtures("slurm_cluster")
 def test_job_array_and_reduce_on_the_slurm_cluster(tmp_path: Path, corpora: dict[str, Path],
-                                                   tokenizer_dir: Path) -> None:
-    from .helpers import wait_finished
-
+                                                   tokenizer_dir: Path, one_task_shards: Path) -> None:
     inputs = list(corpora.values())
-    local = shard(tmp_path / "local", inputs, tokenizer_dir, "shard.tasks=1")
+    local = one_task_shards  # the same inputs and config, sharded by 1 local task
     (tmp_path / "slurm").mkdir()
     config = shard_config(tmp_path / "slurm", inputs, tokenizer_dir)
     assert main(["submit", str(config), "shard.tasks=3"]) == 0

@@ -6,7 +6,6 @@ import multiprocessing
 import os
 import random
 import signal
-import socket
 import warnings
 from collections.abc import Callable
 from datetime import timedelta
@@ -20,6 +19,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from common.publish import temp_path
+from tests.conftest import free_port
 from training.checkpoint import (
     COMPLETE,
     LATEST,
@@ -244,15 +244,9 @@ def _two_rank_save(rank: int, port: int, root: Path) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.mark.timeout(60)
 def test_two_ranks_save_one_checkpoint(tmp_path: Path) -> None:
-    mp.spawn(_two_rank_save, args=(_free_port(), tmp_path), nprocs=2, join=True)
+    mp.spawn(_two_rank_save, args=(free_port(), tmp_path), nprocs=2, join=True)
     info = json.loads((tmp_path / step_dir_name(7) / COMPLETE).read_text())
     assert info["files"].keys() == {"shard-rank0.bin", "shard-rank1.bin", "rng-rank00000.json", "rng-rank00001.json"}
     assert info["files"]["shard-rank1.bin"] == 11 and info["world_size"] == 2

@@ -383,3 +383,13 @@ def test_a_task_that_leaves_for_requeue_records_its_stage_stopped(tmp_path: Path
         StageTask("cpt", "train", str(run.path))()
     entry = stages_of(run)["cpt"]
     assert entry["status"] == "stopped" and entry["stopped_at"] and entry["tasks_done"] == []
+
+
+def test_an_error_with_brackets_is_printed_as_it_is(tmp_path: Path) -> None:
+    """gloo's errors name their source as [/path/pair.cc:553], which rich would read as a closing tag."""
+    cfg, run = make_run(tmp_path, ["cpt"])
+    error = "train/rank-1: RuntimeError: [/__w/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] closed"
+    run.update_stage("cpt", status="failed", executor="slurm", job_ids=["600"], tasks=2, error=error)
+    fake = FakeExecutor()
+    fake.set_state("600", "RUNNING")
+    assert error in run_launch(cfg, run, fake).replace("\n", "")

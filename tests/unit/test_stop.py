@@ -3,7 +3,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -13,6 +12,7 @@ import pytest
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from tests.conftest import free_port
 from training.stop import REQUEUE_EXIT_CODE, StopRequest
 
 
@@ -90,15 +90,9 @@ def _two_ranks(rank: int, port: int, out: Path) -> None:
     (out / f"rank{rank}.json").write_text(json.dumps(answers))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.mark.timeout(60)
 def test_all_ranks_agree_when_one_wants_to_stop(tmp_path: Path) -> None:
-    mp.spawn(_two_ranks, args=(_free_port(), tmp_path), nprocs=2, join=True)
+    mp.spawn(_two_ranks, args=(free_port(), tmp_path), nprocs=2, join=True)
     rank0 = json.loads((tmp_path / "rank0.json").read_text())
     rank1 = json.loads((tmp_path / "rank1.json").read_text())
     assert rank0 == [None, "time budget (another rank)", "signal SIGUSR2 (another rank)"]
