@@ -30,9 +30,10 @@ from launcher.config import config_hash
 from launcher.layout import RunLayout
 from launcher.run_config import RunConfig
 from launcher.rundir import RunDir, now_iso
+from slurm.executor import NEVER_SATISFIED, TERMINAL_STATES, SubmissionError, make_executor
 from slurm.requeue import RequeueWitness
 from slurm.resources import Resources
-from slurm.taskenv import TaskEnv, task_env
+from slurm.taskenv import TaskEnv, scheduler_job_id, task_env
 from training.stop import REQUEUE_EXIT_CODE
 
 
@@ -284,6 +285,25 @@ def _stages() -> MappingProxyType[str, Stage]:
 STAGES = _stages()
 
 
+def _other_live_owners(run: RunDir, stage: str) -> list[str] | None:
+    """The live jobs that own `stage` when this task's job is not among them, else None.
+
+    The stage's owner is the submission state.json records (the launcher records it under the run lock). A
+    job of an older submission that still starts (the launcher lost track of it, or someone ran sbatch by
+    hand) must not write next to the owner. An id not yet recorded (a job that starts in the moment between
+    sbatch and the launcher writing its id) is given the benefit of the doubt: nothing recorded runs.
+    """
+    mine, entry = scheduler_job_id(), run.read_state()["stages"].get(stage, {})
+    if mine is None or not entry.get("job_ids") or mine in entry["job_ids"]:
+        return None
+    try:
+        states = make_executor(entry["executor"]).states(entry["job_ids"])
+    except SubmissionError:
+        return None  # the scheduler cannot be asked from here: do not block the work on it
+    alive = [j for j in entry["job_ids"] if j in states and states[j] not in TERMINAL_STATES | {NEVER_SATISFIED}]
+    return alive or None
+
+
 class StageTask(submitit.helpers.Checkpointable):
     """One task of one step of one stage: names and a path, nothing else.
 
@@ -304,6 +324,10 @@ class StageTask(submitit.helpers.Checkpointable):
         env = task_env()
         who = f"element-{self.element}" if self.element is not None else f"rank-{env.rank}"
         tag = f"{self.step}/{who}"
+        if (owners := _other_live_owners(run, self.stage)) is not None:
+            print(f"[stillroom] {self.stage}: this job ({scheduler_job_id()}) is not the stage's current submission; "
+                  f"jobs {', '.join(owners)} are, and still run: leaving without touching the stage", flush=True)
+            return None
         run.stage_dir(self.stage).mkdir(parents=True, exist_ok=True)
         (step,) = [s for s in STAGES[self.stage].steps if s.name == self.step]
         if env.is_main or self.element is not None:

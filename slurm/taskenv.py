@@ -108,6 +108,16 @@ def process_age_s() -> float | None:
         return None
 
 
+def scheduler_job_id(env: Mapping[str, str] | None = None) -> str | None:
+    """This task's job as the scheduler and the launcher's records name it: "123", "123_4" for an element of
+    a Slurm job array (whose SLURM_JOB_ID is a number of its own), the controller's pid for the local
+    executor; None outside both."""
+    env = os.environ if env is None else env
+    if "SLURM_ARRAY_JOB_ID" in env and "SLURM_ARRAY_TASK_ID" in env:
+        return f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
+    return env.get("SLURM_JOB_ID") or env.get("SUBMITIT_LOCAL_JOB_ID")
+
+
 def task_env(env: Mapping[str, str] | None = None) -> TaskEnv:
     """The task environment of this process, from its environment variables."""
     env = os.environ if env is None else env

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -393,3 +396,27 @@ def test_an_error_with_brackets_is_printed_as_it_is(tmp_path: Path) -> None:
     fake = FakeExecutor()
     fake.set_state("600", "RUNNING")
     assert error in run_launch(cfg, run, fake).replace("\n", "")
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_a_job_that_is_not_the_stages_current_submission_leaves_while_the_owner_runs(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """Local jobs are named by their controller's pid: this test process stands for the live owner."""
+    cfg, run = make_run(tmp_path, ["probe"], "probe.steps=0", "probe.collective=false",
+                        "probe.resources.tasks_per_node=1")
+    owner = str(os.getpid())
+    run.update_stage("probe", status="running", executor="local", job_ids=[owner], tasks=1)
+    before = stages_of(run)
+    monkeypatch.setenv("SUBMITIT_LOCAL_JOB_ID", str(_dead_pid()))  # an older submission's job, starting late
+    assert StageTask("probe", "probe", str(run.path))() is None
+    assert f"jobs {owner} are, and still run: leaving without touching the stage" in capsys.readouterr().out
+    assert stages_of(run) == before and not run.stage_dir("probe").exists()
+
+    run.update_stage("probe", job_ids=[str(_dead_pid())])  # the recorded owner has ended: this job may work
+    StageTask("probe", "probe", str(run.path))()
+    assert stages_of(run)["probe"]["status"] == "completed" and run.stage_dir("probe").exists()
