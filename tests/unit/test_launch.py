@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -382,8 +383,12 @@ def test_a_task_that_leaves_for_requeue_records_its_stage_stopped(tmp_path: Path
     # The trainer itself is replaced: what is under test is the task's handling of its exit for requeue.
     stages = {**STAGES, "cpt": Stage("cpt", (Step("train", _leave_for_requeue),))}
     monkeypatch.setattr("launcher.stages.STAGES", stages)
-    with pytest.raises(SystemExit):
-        StageTask("cpt", "train", str(run.path))()
+    previous = signal.getsignal(signal.SIGUSR2)
+    try:
+        with pytest.raises(SystemExit):
+            StageTask("cpt", "train", str(run.path))()
+    finally:  # the task's requeue witness stays installed as the process leaves; this one (pytest) stays
+        signal.signal(signal.SIGUSR2, previous)
     entry = stages_of(run)["cpt"]
     assert entry["status"] == "stopped" and entry["stopped_at"] and entry["tasks_done"] == []
 
@@ -418,5 +423,9 @@ def test_a_job_that_is_not_the_stages_current_submission_leaves_while_the_owner_
     assert stages_of(run) == before and not run.stage_dir("probe").exists()
 
     run.update_stage("probe", job_ids=[str(_dead_pid())])  # the recorded owner has ended: this job may work
-    StageTask("probe", "probe", str(run.path))()
+    previous = signal.getsignal(signal.SIGUSR2)
+    try:
+        StageTask("probe", "probe", str(run.path))()
+    finally:  # a finished task ignores the stop signal from then on; this process (pytest) must not
+        signal.signal(signal.SIGUSR2, previous)
     assert stages_of(run)["probe"]["status"] == "completed" and run.stage_dir("probe").exists()
