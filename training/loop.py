@@ -254,6 +254,23 @@ def _export(engine: Any, cfg: TrainConfig, paths: TrainPaths, checkpoints: Check
             "final_domain_loss": None if math.isnan(final) else final}
 
 
+def _export_unless_stopped(engine: Any, cfg: TrainConfig, paths: TrainPaths, checkpoints: Checkpointer,
+                           early: EarlyStopping, state: TrainState, objective: Objective, stopped: str | None,
+                           device: torch.device, rank: int, stop: StopRequest, log: MetricsLog) -> dict[str, Any]:
+    """The export, left for a requeue when a stop signal comes while rank 0 writes it (the next attempt resumes
+    from the final checkpoint and exports). The other ranks wait for rank 0 in a barrier, which breaks when it
+    leaves: with the signal received, that is the requeue's doing and they leave the same way."""
+    try:
+        return _export(engine, cfg, paths, checkpoints, early, state, objective, stopped, device, rank,
+                       interrupted=lambda: stop.received_signal is not None)
+    except ExportInterrupted as e:
+        _leave(stop, log, rank, cfg, str(e), "final checkpoint saved, export not published")
+    except Exception:
+        if rank == 0 or stop.received_signal is None:
+            raise
+        _leave(stop, log, rank, cfg, "rank 0 left the export for a requeue", "final checkpoint saved")
+
+
 def _leave(stop: StopRequest, log: MetricsLog, rank: int, cfg: TrainConfig, reason: str, saved: str) -> NoReturn:
     log.record("stop", reason=reason)
     if log.active:
@@ -352,10 +369,7 @@ def _train(cfg: TrainConfig, paths: TrainPaths, env: TaskEnv, objective: Objecti
     # --- export: a stop signal during the final save or the export requeues; the next attempt exports ------------
     if requested := stop.agree(device):
         _leave(stop, log, rank, cfg, requested, "final checkpoint saved")
-    try:
-        result = _export(engine, cfg, paths, checkpoints, early, state, objective, stopped, device, rank,
-                         interrupted=lambda: stop.received_signal is not None)
-    except ExportInterrupted as e:
-        _leave(stop, log, rank, cfg, str(e), "final checkpoint saved, export not published")
+    result = _export_unless_stopped(engine, cfg, paths, checkpoints, early, state, objective, stopped, device,
+                                    rank, stop, log)
     log.close()
     return result

@@ -296,3 +296,26 @@ def test_two_node_run_resumed_on_one_node_continues_the_same_data(tmp_path: Path
     assert set(got) == set(ref) == set(range(1, 31))
     for step in range(found["resumed_from"] + 1, 31):  # same samples; only the reduction order differs
         assert got[step] == pytest.approx(ref[step], rel=1e-4), step
+
+
+def test_a_stop_signal_during_the_export_requeues_and_the_stage_completes(tmp_path: Path, shards: Path,
+                                                                          base_model: Path) -> None:
+    config = train_config(tmp_path, "cpt", shards, base_model)
+    assert main(["submit", str(config), *FAST, "cpt.steps=8", "cpt.checkpoint.every_steps=0"]) == 0
+    run = RunDir(run_dir(tmp_path, "cpt"))
+    export = run.layout.export("cpt")
+    wait_for("rank 0 to start writing the export", lambda: next(export.parent.glob(".export.tmp.*"), None),
+             timeout=300, every=0.005)
+    job = job_of(run)
+    (rank0,) = task_pids(job, SLURM_PROCID="0")
+    os.kill(rank0, signal.SIGSTOP)  # held inside the export, so that the stop signal surely arrives during it
+    try:
+        subprocess.run(["scancel", "--signal=USR2", job], check=True)  # what Slurm sends before the time limit
+        time.sleep(1)
+    finally:
+        os.kill(rank0, signal.SIGCONT)
+    entry = wait_finished(run, "cpt", timeout=600)
+    assert entry["status"] == "completed" and entry["attempts"] >= 2, entry
+    (stop,) = records(run.path, "cpt", "stop")
+    assert stop["step"] == 8 and "export" in stop["reason"], stop
+    assert (export / "COMPLETE").exists() and not list(export.parent.glob(".export.*"))
