@@ -12,7 +12,7 @@ import pytest
 
 from launcher.rundir import RunDir
 
-from .helpers import PROBE, cli, stage, wait_for, write_config
+from .helpers import PROBE, cli, records, run_dir, stage, train_config, wait_for, wait_for_step
 
 pytestmark = [pytest.mark.slurm, pytest.mark.usefixtures("slurm_cluster")]
 
@@ -29,38 +29,34 @@ def _queued(job_ids: list[str]) -> list[str]:
     return [line for line in out.stdout.splitlines() if line.strip()]
 
 
-def test_a_job_cancelled_mid_chain_recovers_with_the_same_command(tmp_path: Path, corpora: dict[str, Path],
-                                                                  tokenizer_dir: Path) -> None:
-    """probe, then shard afterok on it: scancel the running probe and shard's job waits forever
+def test_a_job_cancelled_mid_chain_recovers_with_the_same_command(tmp_path: Path, shards: Path,
+                                                                  base_model: Path) -> None:
+    """cpt, then report afterok on it: scancel the running cpt job and report's job waits forever
     (DependencyNeverSatisfied). The same submit again cancels that job, resubmits both, and both complete."""
-    config = write_config(tmp_path / "chain.toml", {
-        "run": {"root": tmp_path / "runs", "name": "chain", "stages": ["probe", "shard"]},
-        "resources": {"tasks_per_node": 1, "mem_gb": 1, "time_min": 10},
-        "probe": {"collective": False, "steps": 40, "step_seconds": 0.25},
-        "shard": {"inputs": [corpora["licenses"]], "tokenizer": tokenizer_dir, "seq_len": 128,
-                  "val_fraction": 0.1},
-        "shard.reader": {"group_field": "group"},
-    })
-    cli("submit", str(config))
-    run = RunDir(tmp_path / "runs" / "chain")
-    wait_for("the probe to count", lambda: list(run.stage_dir("probe").glob("counter-*.json")), 90)
-    (probe_job,) = stage(run, "probe")["job_ids"]
-    old_shard_jobs = run.read_state()["stages"]["shard"]["job_ids"]
-    subprocess.run(["scancel", probe_job], check=True)
-    wait_for("the probe job to end cancelled", lambda: _sacct(probe_job) == "CANCELLED", 60)
-    wait_for("shard's job to wait forever", lambda: any("DependencyNeverSatisfied" in line
-                                                        for line in _queued(old_shard_jobs)), 60)
+    config = train_config(tmp_path, "cpt", shards, base_model)
+    argv = ["submit", str(config), 'run.stages=["cpt","report"]', "cpt.steps=40", "cpt.log_every=1",
+            "cpt.eval.every=1000", "cpt.checkpoint.every_steps=5", "report.max_rows=8", "report.batch=4"]
+    cli(*argv)
+    run = RunDir(run_dir(tmp_path, "cpt"))
+    wait_for_step(run.path, "cpt", 6)
+    (cpt_job,) = stage(run, "cpt")["job_ids"]
+    (report_job,) = run.read_state()["stages"]["report"]["job_ids"]
+    subprocess.run(["scancel", cpt_job], check=True)
+    wait_for("the cpt job to end cancelled", lambda: _sacct(cpt_job) == "CANCELLED", 90)
+    wait_for("report's job to wait forever", lambda: any("DependencyNeverSatisfied" in line
+                                                         for line in _queued([report_job])), 60)
 
-    cli("submit", str(config))
-    for name in ("probe", "shard"):
+    cli(*argv)
+    for name in ("cpt", "report"):
         entry = wait_for(f"{name} to finish", lambda name=name: (e := stage(run, name)).get("status")
-                         in ("completed", "failed", "cancelled") and e, 240)
+                         in ("completed", "failed", "cancelled") and e, 300)
         assert entry["status"] == "completed", entry
     state = run.read_state()["stages"]
-    assert state["shard"]["past_job_ids"] == old_shard_jobs and state["probe"]["past_job_ids"] == [probe_job]
+    assert state["cpt"]["past_job_ids"] == [cpt_job] and state["report"]["past_job_ids"] == [report_job]
     every_job = [j for e in state.values() for j in e["job_ids"] + e["past_job_ids"]]
     wait_for("every job of the run to leave the queue (none left pending)", lambda: _queued(every_job) == [], 60)
-    assert {_sacct(j.split("_")[0]) for j in old_shard_jobs} == {"CANCELLED"}  # a pending array: one record
+    assert _sacct(report_job) == "CANCELLED"
+    assert records(run.path, "cpt", "train")[-1]["step"] == 40 and run.layout.export("cpt").is_dir()
 
 
 def test_two_submits_of_one_new_run_at_once_queue_one_set_of_jobs(tmp_path: Path) -> None:
