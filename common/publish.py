@@ -102,7 +102,39 @@ def publish_bytes(path: Path, data: bytes) -> None:
 
 
 def publish_json(path: Path, data: Any) -> None:
-    publish_bytes(path, (json.dumps(data, indent=1, sort_keys=True) + "\n").encode())
+    publish_bytes(path, _json_bytes(data))
+
+
+def _json_bytes(data: Any) -> bytes:
+    return (json.dumps(data, indent=1, sort_keys=True) + "\n").encode()
+
+
+def publish_once(path: Path, data: bytes) -> bool:
+    """Publish `data` at `path` unless a file is there already; True when this call wrote it.
+
+    For records the first of several writers decides (tasks on several nodes starting at once): the whole
+    file is written and fsynced under this writer's temp name, then hard-linked to `path`, which fails when
+    another writer got there first, where a rename would silently replace it. Readers see no file or a
+    whole one.
+    """
+    mine = temp_path(path)
+    try:
+        with mine.open("wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(mine, path)
+        except FileExistsError:
+            return False
+        fsync_path(path.parent)
+        return True
+    finally:
+        mine.unlink(missing_ok=True)
+
+
+def publish_json_once(path: Path, data: Any) -> bool:
+    return publish_once(path, _json_bytes(data))
 
 
 @contextlib.contextmanager

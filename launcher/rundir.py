@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from common.publish import publish_bytes, publish_json, temp_path
+from common.publish import publish_bytes, publish_json, publish_once
 from launcher.config import config_hash, dump_toml, field_docs, to_plain
 from launcher.layout import RunLayout
 from launcher.lock import RunLock, probe_lock_kind
@@ -156,11 +155,8 @@ class RunDir:
         answer, so every process of the run locks the same way whatever a later config says."""
         if self.layout.lock_kind.exists():
             return
-        mine = temp_path(self.layout.lock_kind)
-        mine.write_text((probe_lock_kind(self.path) if configured == "auto" else configured) + "\n")
-        with contextlib.suppress(FileExistsError):
-            os.link(mine, self.layout.lock_kind)
-        mine.unlink(missing_ok=True)
+        kind = probe_lock_kind(self.path) if configured == "auto" else configured
+        publish_once(self.layout.lock_kind, f"{kind}\n".encode())
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:

@@ -71,11 +71,15 @@ def expand_inputs(patterns: Sequence[str]) -> list[Path]:
             matches = [Path(m) for m in glob.glob(expanded, recursive=True)]
             if not matches:
                 raise InputError(f"input '{pattern}' matches no file")
+            # The same glob with a trailing separator matches only folders, told apart by the directory listing:
+            # no stat per match, which every map element would otherwise pay for every input file.
+            folders = {Path(m) for m in glob.glob(os.path.join(expanded, ""), recursive=True)}
         elif os.path.exists(expanded):
             matches = [Path(expanded)]
+            folders = {Path(expanded)} if os.path.isdir(expanded) else set()
         else:
             raise InputError(f"input '{pattern}' does not exist")
-        found = [f for m in matches for f in (_in_folder(m) if m.is_dir() else [m])]
+        found = [f for m in matches for f in (_in_folder(m) if m in folders else [m])]
         if not found:
             raise InputError(f"input '{pattern}' matches no file (folders are searched for "
                              f"{', '.join('*' + s for s in FOLDER_SUFFIXES)})")

@@ -20,7 +20,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from common.publish import commit_file, fsync_path, publish_bytes, publish_json, remove_stale_temps, temp_path
+from common.publish import commit_file, publish_bytes, publish_json, publish_json_once, remove_stale_temps, temp_path
 from sharding.clean import build_steps
 from sharding.config import ShardConfig
 from sharding.dedup import DedupIndex, find_duplicates
@@ -81,29 +81,6 @@ def stat_inputs(files: Sequence[Path]) -> list[dict[str, Any]]:
     return listing
 
 
-def publish_once(path: Path, data: Any) -> bool:
-    """Publish `data` as JSON at `path` unless a file is there already; True when this call wrote it.
-
-    Race-free across tasks and nodes: the whole file is written and fsynced under this writer's temp name,
-    then hard-linked to `path`, which fails with FileExistsError when another writer got there first
-    (a rename would silently replace it). Readers see no file or a whole one.
-    """
-    tmp = temp_path(path)
-    try:
-        with tmp.open("wb") as f:
-            f.write((json.dumps(data, indent=1, sort_keys=True) + "\n").encode())
-            f.flush()
-            os.fsync(f.fileno())
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            return False
-        fsync_path(path.parent)
-        return True
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _read_recorded(path: Path) -> list[dict[str, Any]]:
     data = json.loads(path.read_text())
     if data.get("version") != INPUTS_VERSION:
@@ -144,19 +121,34 @@ def _changed(out: Path, recorded: list[dict[str, Any]], changes: str) -> InputsC
 
 def record_inputs(out: Path, patterns: Sequence[str], current: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The input list of the stage folder `out`: `current` (from `stat_inputs`) is recorded if none is yet,
-    the first writer winning a race (`publish_once`); raises InputsChanged when the recorded list differs."""
+    the first writer winning a race (`publish_json_once`); raises InputsChanged when the recorded list differs."""
     path = out / INPUTS
     if not path.exists():
-        publish_once(path, {"version": INPUTS_VERSION, "patterns": list(patterns), "files": current})
+        publish_json_once(path, {"version": INPUTS_VERSION, "patterns": list(patterns), "files": current})
     recorded = _read_recorded(path)
     if changes := input_changes(recorded, current):
         raise _changed(out, recorded, changes)
     return recorded
 
 
-def bind_inputs(cfg: ShardConfig, out: Path) -> list[dict[str, Any]]:
-    """Expand and stat the inputs now, record them at first use, and return the recorded list (or refuse)."""
-    return record_inputs(out, cfg.inputs, stat_inputs(expand_inputs(cfg.inputs)))
+def bind_inputs(cfg: ShardConfig, out: Path, own: Callable[[int], bool] | None = None) -> list[dict[str, Any]]:
+    """Expand the inputs now, record them at first use, and return the recorded list (or refuse a change).
+
+    With `own` (a map element: which file indexes are its own), once the list is recorded only the element's
+    own files are stat'ed, after the expanded paths are compared whole: the binding adds N/world metadata calls
+    to an element's expansion of the inputs, not N (benchmarks/input_binding.py). The reduce, the one task
+    that reads every file, checks them all.
+    """
+    files = expand_inputs(cfg.inputs)
+    if own is None or not (out / INPUTS).exists():
+        return record_inputs(out, cfg.inputs, stat_inputs(files))
+    recorded = _read_recorded(out / INPUTS)
+    if [str(p) for p in files] != [e["path"] for e in recorded]:
+        raise _changed(out, recorded, input_changes(recorded, stat_inputs(files)))
+    mine = [i for i in range(len(files)) if own(i)]
+    if changes := input_changes([recorded[i] for i in mine], stat_inputs([files[i] for i in mine])):
+        raise _changed(out, recorded, changes)
+    return recorded
 
 
 def check_recorded_inputs(cfg: ShardConfig, out: Path, files: Sequence[Path] | None = None) -> None:
@@ -213,7 +205,7 @@ def map_files(cfg: ShardConfig, out: Path, rank: int, world: int) -> dict[str, A
         return {"skipped": "stage already complete"}
     (out / WORK).mkdir(parents=True, exist_ok=True)
     try:
-        recorded = bind_inputs(cfg, out)
+        recorded = bind_inputs(cfg, out, own=lambda index: index % world == rank)
     except InputsChanged as e:
         raise InputsChanged(f"{e}. Map task {rank}/{world} stopped before reading any input: this attempt "
                             "wrote no work file") from None

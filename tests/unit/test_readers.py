@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import tracemalloc
 from pathlib import Path
 
@@ -159,3 +160,20 @@ def test_reader_config_checks_name_the_field() -> None:
         ReaderConfig(max_doc_bytes=0)
     with pytest.raises(ValueError, match="^text_field must not be empty"):
         ReaderConfig(text_field="")
+
+
+def test_a_glob_over_many_files_is_expanded_without_a_stat_per_file(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every map element expands the inputs: on a shared filesystem a stat per file per element is N x world
+    metadata calls. Folders among the matches are still searched."""
+    for i in range(200):
+        (tmp_path / f"part-{i:03d}.jsonl").write_text("")
+    (tmp_path / "more.jsonl").mkdir()  # a folder whose name matches the glob
+    (tmp_path / "more.jsonl" / "inner.jsonl").write_text("")
+    calls = []
+    real_stat = os.stat
+    monkeypatch.setattr(os, "stat", lambda *a, **k: calls.append(a[0]) or real_stat(*a, **k))
+    files = expand_inputs([str(tmp_path / "*.jsonl")])
+    monkeypatch.undo()
+    assert len(files) == 201 and tmp_path / "more.jsonl" / "inner.jsonl" in files
+    assert len(calls) < 20, f"{len(calls)} stat calls for 200 files"

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+import common.publish as publish
 import sharding.stage as stage
 from launcher.run_config import load_run_config
 from sharding.config import ShardConfig
@@ -136,12 +137,12 @@ def test_the_recorded_list_is_written_once_when_elements_race(tmp_path: Path, to
     out.mkdir()
     target = out / stage.INPUTS
     # Elements on several nodes have distinct temp names (host, pid); threads here get one each.
-    monkeypatch.setattr(stage, "temp_path", lambda p: p.with_name(f".{p.name}.tmp.{threading.get_ident()}"))
+    monkeypatch.setattr(publish, "temp_path", lambda p: p.with_name(f".{p.name}.tmp.{threading.get_ident()}"))
     barrier, won = threading.Barrier(8), []
 
     def element(n: int) -> None:
         barrier.wait()
-        if stage.publish_once(target, {"writer": n, "filler": "x" * 100_000}):
+        if publish.publish_json_once(target, {"writer": n, "filler": "x" * 100_000}):
             won.append(n)
 
     threads = [threading.Thread(target=element, args=(n,)) for n in range(8)]
@@ -229,3 +230,28 @@ def test_a_rerun_of_a_completed_run_whose_inputs_changed_is_refused_before_anyth
     write_jsonl(inputs / "b.jsonl", 100)
     with pytest.raises(PreflightError, match=r"shard: .*1 added \(.*b\.jsonl\)"):
         preflight(cfg)
+
+
+def test_a_map_element_stats_only_its_own_files_once_the_list_is_recorded(
+        tmp_path: Path, tokenizer: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """N files cost N/world stats per element, not N; a change to another element's file is still caught by
+    that element, and by the reduce, which checks every file."""
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    inputs.mkdir()
+    out.mkdir()
+    for i in range(8):
+        write_jsonl(inputs / f"{i}.jsonl", 10 * i)
+    cfg = config(inputs, tokenizer)
+    stage.bind_inputs(cfg, out, own=lambda i: i % 4 == 0)  # element 0 records all 8
+    calls: list[object] = []
+    real_stat = os.stat
+    monkeypatch.setattr(os, "stat", lambda *a, **k: calls.append(a[0]) or real_stat(*a, **k))
+    stage.bind_inputs(cfg, out, own=lambda i: i % 4 == 1)
+    monkeypatch.undo()
+    assert sorted(Path(str(c)).name for c in calls if str(c).endswith(".jsonl")) == ["1.jsonl", "5.jsonl"]
+    write_jsonl(inputs / "6.jsonl", 60, count=9)  # element 2's file grows
+    stage.bind_inputs(cfg, out, own=lambda i: i % 4 == 1)  # not element 1's business
+    with pytest.raises(stage.InputsChanged, match=r"1 resized \(.*6\.jsonl"):
+        stage.bind_inputs(cfg, out, own=lambda i: i % 4 == 2)
+    with pytest.raises(stage.InputsChanged, match=r"1 resized"):
+        stage.bind_inputs(cfg, out)  # the reduce
