@@ -135,7 +135,7 @@ class SlurmExecutor(Executor):
         if not job_ids:
             return {}
         ids = ",".join(sorted({base_job_id(j) for j in job_ids}))
-        queued = parse_squeue_states(_run(["squeue", "-h", "-o", "%i|%T|%r", "-j", ids], "the queue (squeue)"))
+        queued = parse_squeue_states(_squeue(ids))
         try:
             ended = parse_sacct_states(_run(["sacct", "-n", "-P", "-X", "-o", "JobID,State", "-j", ids],
                                             "Slurm accounting (sacct)"))
@@ -148,6 +148,20 @@ class SlurmExecutor(Executor):
         if ids:
             # scancel's exit status is 0 for most failures; whether it worked is read back from the scheduler.
             subprocess.run(["scancel", *ids], capture_output=True, text=True, timeout=60, check=False)
+
+
+def _squeue(ids: str) -> str:
+    """squeue's lines for these jobs; "" when none is in the queue any more (squeue then fails, for one id)."""
+    try:
+        done = subprocess.run(["squeue", "-h", "-o", "%i|%T|%r", "-j", ids], capture_output=True, text=True,
+                              timeout=60)
+    except (OSError, subprocess.SubprocessError) as e:
+        raise SubmissionError(f"cannot read job states from the queue (squeue): {e}") from None
+    if done.returncode != 0:
+        if "Invalid job id" in done.stderr:  # asked for one job that has left the queue: sacct knows how it ended
+            return ""
+        raise SubmissionError(f"cannot read job states from the queue (squeue): {done.stderr.strip() or done.stdout}")
+    return done.stdout
 
 
 def _run(argv: list[str], what: str) -> str:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from slurm.executor import JobSpec, SlurmExecutor, parse_sacct_states
+from slurm.executor import JobSpec, SlurmExecutor, SubmissionError, parse_sacct_states
 from slurm.resources import Resources
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "probe.sbatch"
@@ -207,3 +207,37 @@ def test_a_config_either_fails_to_load_or_renders_exactly_one_signal(tmp_path: P
                        and len(option) > 3]
             assert signals == ["USR1@90"], text
             assert "export SUBMITIT_PREEMPT_SIGNAL=USR1\n" in text
+
+
+def _fake_commands(folder: Path, **scripts: str) -> str:
+    """Executables named after the keys, each a shell script: the scheduler's side of the process boundary."""
+    folder.mkdir(exist_ok=True)
+    for name, body in scripts.items():
+        (folder / name).write_text(f"#!/bin/sh\n{body}\n")
+        (folder / name).chmod(0o755)
+    return f"{folder}{os.pathsep}{os.environ['PATH']}"
+
+
+@pytest.mark.parametrize(("squeue", "sacct", "expected"), [
+    # One job that has left the queue: squeue fails ("Invalid job id specified"); sacct says how it ended.
+    ("echo 'slurm_load_jobs error: Invalid job id specified' >&2; exit 1", "echo '294|CANCELLED by 0'",
+     {"294": "CANCELLED"}),
+    # Queued jobs: squeue wins, and a job that can never start is told apart from one that waits.
+    ("echo '300_[0-1]|PENDING|DependencyNeverSatisfied'; echo '301|RUNNING|None'",
+     "echo '300_[0-1]|PENDING'; echo '301|RUNNING'",
+     {"300_0": "DEPENDENCY_NEVER_SATISFIED", "300_1": "DEPENDENCY_NEVER_SATISFIED", "301": "RUNNING"}),
+    # No accounting: the queue alone answers.
+    ("echo '302|RUNNING|None'", "echo 'sacct: error: Slurm accounting storage is disabled' >&2; exit 1",
+     {"302": "RUNNING"}),
+])
+def test_job_states_come_from_the_queue_and_from_accounting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          squeue: str, sacct: str, expected: dict[str, str]) -> None:
+    monkeypatch.setenv("PATH", _fake_commands(tmp_path / "bin", squeue=squeue, sacct=sacct))
+    assert SlurmExecutor().states(list(expected) or ["294"]) == expected
+
+
+def test_an_unreadable_queue_is_an_error_that_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", _fake_commands(tmp_path / "bin", squeue="echo 'slurmctld: connection refused' >&2; "
+                                              "exit 1", sacct="exit 0"))
+    with pytest.raises(SubmissionError, match="cannot read job states from the queue .*connection refused"):
+        SlurmExecutor().states(["1"])
