@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from typing import Any
 
 from rich.console import Console
@@ -14,7 +13,15 @@ from submitit.core.utils import FailedJobError, UncompletedJobError
 from launcher.run_config import RunConfig
 from launcher.rundir import RunDir, now_iso
 from launcher.stages import STAGES, StageTask, Step
-from slurm.executor import NEVER_SATISFIED, TERMINAL_STATES, Executor, JobSpec, SubmissionError, base_job_id
+from slurm.executor import (
+    NEVER_SATISFIED,
+    TERMINAL_STATES,
+    Executor,
+    JobSpec,
+    SubmissionError,
+    base_job_id,
+    cancel_confirmed,
+)
 
 
 class PreflightError(ValueError):
@@ -72,17 +79,11 @@ def _what_happened(entry: dict[str, Any], states: dict[str, str]) -> str:
     return "; ".join(told) or f"its last submission ended as {entry.get('status')}"
 
 
-def _cancel_confirmed(executor: Executor, job_ids: list[str], timeout_s: float = 90.0) -> None:
-    """Cancel `job_ids` and wait until the scheduler reports every one ended; a job id is never forgotten
-    while it may still run."""
-    executor.cancel(job_ids)
-    deadline = time.monotonic() + timeout_s
-    while (left := [j for j, s in executor.states(job_ids).items() if s not in TERMINAL_STATES]):
-        if time.monotonic() > deadline:
-            raise StageFailed(f"cancelled jobs {', '.join(left)} but the scheduler still reports them "
-                              f"{', '.join(sorted(set(executor.states(left).values())))}; run the same command "
-                              "again once they have ended")
-        time.sleep(1.0)
+def _cancel_confirmed(executor: Executor, job_ids: list[str]) -> None:
+    if alive := cancel_confirmed(executor, job_ids):
+        raise StageFailed(f"cancelled jobs {', '.join(alive)} but the scheduler still reports them "
+                          f"{', '.join(sorted(set(alive.values())))}; run the same command again once they have "
+                          "ended")
 
 
 def preflight(cfg: RunConfig) -> None:

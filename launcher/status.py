@@ -10,7 +10,7 @@ from typing import Any
 from rich.table import Table
 
 from launcher.rundir import RunDir, now_iso
-from slurm.executor import TERMINAL_STATES, SubmissionError, make_executor
+from slurm.executor import TERMINAL_STATES, SubmissionError, cancel_confirmed, make_executor
 
 # How a scheduler's terminal state of an unfinished stage is recorded in state.json.
 _FINAL_STATUS = {"CANCELLED": "cancelled"}
@@ -96,21 +96,16 @@ def cancel(run: RunDir, timeout_s: float = 90.0) -> tuple[list[str], list[str]]:
     with run.locked():
         entries = {s: e for s, e in run.read_state()["stages"].items()
                    if e.get("status") not in ("completed", "cancelled") and e.get("job_ids")}
-        for entry in entries.values():
-            make_executor(entry["executor"]).cancel(entry["job_ids"])
-        deadline, alive = time.monotonic() + timeout_s, dict(entries)
-        while alive:
-            for stage, entry in list(alive.items()):
-                states = make_executor(entry["executor"]).states(entry["job_ids"])
-                if all(states.get(j, "ENDED") in TERMINAL_STATES or j not in states for j in entry["job_ids"]):
-                    run.update_stage(stage, status="cancelled", error="cancelled by stillroom cancel",
-                                     finished_at=now_iso())
-                    del alive[stage]
-            if not alive or time.monotonic() > deadline:
-                break
-            time.sleep(1.0)
-    confirmed = [j for s, e in entries.items() if s not in alive for j in e["job_ids"]]
-    return confirmed, [j for e in alive.values() for j in e["job_ids"]]
+        alive: set[str] = set()
+        for kind in {e["executor"] for e in entries.values()}:  # every job of one scheduler cancelled at once
+            ids = [j for e in entries.values() if e["executor"] == kind for j in e["job_ids"]]
+            alive |= set(cancel_confirmed(make_executor(kind), ids, timeout_s))
+        for stage, entry in entries.items():
+            if not alive & set(entry["job_ids"]):
+                run.update_stage(stage, status="cancelled", error="cancelled by stillroom cancel",
+                                 finished_at=now_iso())
+    ids = [j for e in entries.values() for j in e["job_ids"]]
+    return [j for j in ids if j not in alive], [j for j in ids if j in alive]
 
 
 def log_files(run: RunDir, stage: str, rank: int) -> list[Path]:

@@ -11,6 +11,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -68,6 +69,20 @@ class Executor(ABC):
     @abstractmethod
     def cancel(self, job_ids: Sequence[str]) -> None:
         """Cancel these jobs (array ids cancel every element)."""
+
+
+def cancel_confirmed(executor: Executor, job_ids: Sequence[str], timeout_s: float = 90.0,
+                     poll_s: float = 1.0) -> dict[str, str]:
+    """Cancel `job_ids` and wait until the scheduler reports each one ended (or no longer knows it); returns the
+    states of those still alive after `timeout_s` ({} when all ended). scancel's own exit status says little:
+    only the scheduler's answer is believed, so a caller never forgets a job id that may still run."""
+    executor.cancel(job_ids)
+    deadline = time.monotonic() + timeout_s
+    while (alive := {j: s for j, s in executor.states(job_ids).items() if s not in TERMINAL_STATES}):
+        if time.monotonic() > deadline:
+            return alive
+        time.sleep(poll_s)
+    return {}
 
 
 def base_job_id(job_id: str) -> str:
