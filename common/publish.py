@@ -20,6 +20,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from common.checksum import xxh3_file
+
 COMPLETE = "COMPLETE"  # the default completion marker of a published folder
 
 
@@ -139,7 +141,7 @@ def publish_json_once(path: Path, data: Any) -> bool:
 
 @contextlib.contextmanager
 def publishing_dir(path: Path, marker: str | None = COMPLETE, marker_data: Any = None, *,
-                   replace: bool = True) -> Iterator[Path]:
+                   replace: bool = True, listing: bool = False) -> Iterator[Path]:
     """Yields an empty temp folder to fill; on a clean exit it becomes `path`, replacing an older one.
 
     Every file in it is fsynced, then `marker` is written last inside it (`marker_data` verbatim if it is bytes,
@@ -149,14 +151,24 @@ def publishing_dir(path: Path, marker: str | None = COMPLETE, marker_data: Any =
     folder is removed and `path` left as it was. With `replace=False` an existing `path` is never touched: the
     publication fails with FileExistsError instead. One writer at a time publishes a given folder, so what
     killed writers of `path` left beside it is removed first (`remove_stale_temps`).
+
+    With `listing=True` the marker is JSON `{"version": 1, "files": {relative path: {"bytes": n, "xxh3": hex}}}`
+    (merged into `marker_data`, a dict or None), computed after the fsync, so that a reader can tell a whole
+    folder from a damaged one. It reads every byte once more: right after the write the pages are usually still
+    cached and XXH3 runs at memory speed (measured in docs/training.md), so it costs about one read of the folder.
     """
+    if listing and not (marker is not None and (marker_data is None or isinstance(marker_data, dict))):
+        raise ValueError("publishing_dir(listing=True) needs a marker and marker_data that is a dict or None")
     tmp = temp_path(path)
     remove_stale_temps(path.parent, path.name)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp.mkdir()
     try:
         yield tmp
-        fsync_tree(tmp)
+        sizes = fsync_tree(tmp)
+        if listing:
+            files = {rel: {"bytes": size, "xxh3": xxh3_file(tmp / rel)} for rel, size in sizes.items()}
+            marker_data = {**(marker_data or {}), "version": 1, "files": files}
         if marker is not None:
             if marker_data is None:
                 body = b"ok\n"

@@ -50,7 +50,7 @@ EXAMPLES = {
   stillroom shard configs/shard.toml shard.tasks=8 shard.seq_len=1024""",
     "inspect": """examples:
   stillroom inspect runs/demo/shard                      # manifest and cleaning summary
-  stillroom inspect runs/demo/shard --verify             # re-hash every shard; exit 1 naming bad ones
+  stillroom inspect runs/demo/shard --verify             # re-hash every file; exit 1 naming bad ones and batches
   stillroom inspect runs/demo/shard --decode 2           # two packed sequences as text""",
     "corpus": """examples:
   stillroom corpus                                       # every corpus into data/corpora/
@@ -107,7 +107,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print what would be run, run nothing")
     p = command("inspect", "Summarise a shard folder: manifest, documents kept and dropped, tokens.")
     p.add_argument("folder", type=Path, help="a shard stage's output folder (holds manifest.json)")
-    p.add_argument("--verify", action="store_true", help="re-hash every shard; exit 1 naming each bad one")
+    p.add_argument("--verify", action="store_true",
+                   help="re-hash every shard and the dedup index; exit 1 naming each bad one (and damaged batches)")
     p.add_argument("--decode", type=int, default=0, metavar="N", help="print N packed sequences as text")
     p.add_argument("--split", default="train", choices=("train", "val"), help="split for --decode")
     p.add_argument("--tokenizer", default="", help="tokenizer for --decode (default: the manifest's)")
@@ -201,10 +202,11 @@ def _inspect(args: argparse.Namespace, console: Console) -> int:
     if (args.folder / "stats.json").exists():
         console.print(summary_table(args.folder))
     if args.verify:
-        problems = manifest.verify(args.folder)
+        problems = manifest.verify(args.folder, dedup_index=True)
         for problem in problems:
             console.print(f"[red]BAD[/] {escape(problem)}")
-        console.print(f"verified {len(manifest.shards)} shards: {len(problems)} bad")
+        index = " and the dedup index" if manifest.dedup_index else ""
+        console.print(f"verified {len(manifest.shards)} shards{index}: {len(problems)} bad")
         if problems:
             return 1
     for i, text in enumerate(decode_sequences(args.folder, args.decode, args.tokenizer, args.split)):

@@ -90,6 +90,7 @@ def _shard_reduce(cfg: RunConfig, layout: RunLayout, env: TaskEnv, element: int 
 
 
 def _shard_preflight(cfg: RunConfig) -> None:
+    from sharding.shards import Manifest
     from sharding.stage import check_inputs
 
     # With the run's shard folder: a rerun whose inputs changed since the stage started (or completed) is refused.
@@ -98,6 +99,9 @@ def _shard_preflight(cfg: RunConfig) -> None:
         if not (Path(folder) / "dedup-index.arrow").is_file():
             raise ValueError(f"shard.dedup.previous[{i}] '{folder}' is not a finished shard folder "
                              "(no dedup-index.arrow)")
+        # Sizes only here: the reduce checks the index's sha256 against the manifest before it uses it.
+        if problem := Manifest.load(Path(folder)).dedup_index_problem(Path(folder), full=False):
+            raise ValueError(f"shard.dedup.previous[{i}] '{folder}': {problem}")
 
 
 def _shard_summary(folder: Path) -> Any:

@@ -11,6 +11,7 @@ from rich.table import Table
 
 from launcher.rundir import RunDir, now_iso
 from slurm.executor import TERMINAL_STATES, SubmissionError, cancel_confirmed, make_executor
+from training.checkpoint import set_aside_checkpoints
 
 # How a scheduler's terminal state of an unfinished stage is recorded in state.json.
 _FINAL_STATUS = {"CANCELLED": "cancelled"}
@@ -24,6 +25,8 @@ def refresh(run: RunDir) -> dict[str, Any]:
     for stage, entry in state["stages"].items():
         if (progress := _progress(run, stage)) is not None:
             entry["progress"] = progress
+        if aside := set_aside_checkpoints(run.layout.checkpoints(stage)):  # damaged ones the trainer skipped
+            entry["set_aside"] = [{"checkpoint": name, "problems": problems} for name, problems in aside]
         if entry.get("status") not in ("submitted", "running", "stopped") or not entry.get("job_ids"):
             continue
         try:
@@ -82,6 +85,11 @@ def status_table(run: RunDir, state: dict[str, Any]) -> Table:
             *_progress_cells(e.get("progress"), e["status"] == "running"),
             _short(e.get("finished_at")), e.get("error") or "",
         )
+    warnings = [f"[yellow]warning[/]: {stage}: checkpoint {bad['checkpoint']} was set aside as damaged"
+                + (f" ({bad['problems'][0]})" if bad["problems"] else "") + "; kept for inspection, delete it when done"
+                for stage, e in state["stages"].items() for bad in e.get("set_aside", [])]
+    if warnings:
+        table.caption, table.caption_justify = "\n".join(warnings), "left"
     return table
 
 

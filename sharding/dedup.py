@@ -4,11 +4,13 @@ Rows are kept in global document order (earlier rounds first, then input file, t
 and a duplicate always points at the earliest document of its group, so which documents survive
 does not depend on how the work was split into tasks. The index of every kept document (exact
 hash and signature) is saved with the shards; a later round loads it and its new documents are
-deduplicated against everything written before.
+deduplicated against everything written before. The folder's manifest lists the index with its size and
+sha256, which a later round checks before it trusts the index with what it drops.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -20,6 +22,7 @@ import pyarrow as pa
 from common.publish import publish_bytes
 from sharding.config import DedupConfig
 from sharding.minhash import MinHashConfig, MinHasher, duplicate_of, exact_duplicate_of
+from sharding.shards import FileInfo, Manifest, ManifestError
 
 INDEX = "dedup-index.arrow"
 
@@ -69,13 +72,26 @@ class DedupIndex:
 
     @classmethod
     def load_many(cls, folders: Sequence[Path], minhash: MinHashConfig) -> DedupIndex:
-        """Indexes of earlier rounds' shard folders, in the order given."""
+        """Indexes of earlier rounds' shard folders, in the order given, each checked against its manifest."""
         tables = []
         for folder in folders:
             path = Path(folder) / INDEX
             if not path.is_file():
                 raise ValueError(f"shard.dedup.previous: {folder} has no {INDEX}; is it a finished shard output?")
-            table = pa.ipc.open_file(pa.memory_map(str(path))).read_all()
+            try:
+                manifest = Manifest.load(Path(folder))
+            except ManifestError as e:
+                raise ValueError(f"shard.dedup.previous: {e}") from None
+            listed = manifest.dedup_index  # None in a format-1 folder, which has only the file to go by
+            if listed is None and manifest.format_version > 1:
+                raise ValueError(f"shard.dedup.previous: {folder}'s manifest lists no {INDEX}; is it a shard output?")
+            with pa.memory_map(str(path), "r") as source:
+                data = source.read_buffer()  # hashed and parsed from the same bytes: one read of the file
+                if listed is not None and (data.size, hashlib.sha256(memoryview(data)).hexdigest()) != \
+                        (listed.bytes, listed.sha256):
+                    raise ValueError(f"shard.dedup.previous: {path} is not the index its manifest lists (size or "
+                                     "sha256 differs: damaged or replaced); its round's dedup cannot be trusted")
+                table = pa.ipc.open_file(data).read_all()
             made_with = json.loads(table.schema.metadata[b"minhash"])
             if made_with != asdict(minhash):
                 raise ValueError(f"shard.dedup.previous: {folder} was deduplicated with MinHash settings {made_with}, "
@@ -91,7 +107,8 @@ class DedupIndex:
                           np.concatenate([self.record, other.record[keep]]),
                           np.concatenate([self.val, other.val[keep]]), self.minhash)
 
-    def save(self, path: Path) -> None:
+    def save(self, path: Path) -> FileInfo:
+        """Write the index; returns what the manifest lists of it."""
         table = pa.table({
             "exact": pa.Array.from_buffers(pa.binary(16), len(self), [None, pa.py_buffer(self.exact.tobytes())]),
             "sig": pa.FixedSizeListArray.from_arrays(pa.array(self.sigs.reshape(-1)), self.sigs.shape[1]),
@@ -100,7 +117,9 @@ class DedupIndex:
         sink = pa.BufferOutputStream()
         with pa.ipc.new_file(sink, table.schema, options=pa.ipc.IpcWriteOptions(compression="zstd")) as writer:
             writer.write_table(table)
-        publish_bytes(path, sink.getvalue().to_pybytes())
+        data = sink.getvalue().to_pybytes()
+        publish_bytes(path, data)
+        return FileInfo(path=path.name, bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
 
 
 @dataclass

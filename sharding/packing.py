@@ -11,7 +11,7 @@ import pyarrow as pa
 
 from sharding.config import ShardConfig
 from sharding.dedup import DedupIndex
-from sharding.shards import Manifest, ShardInfo, ShardWriter, token_dtype
+from sharding.shards import Manifest, ShardInfo, ShardWriter, as_token_ids, token_dtype
 from sharding.tokenize import Packer, TokenizerInfo
 
 SPLITS = ("train", "val")
@@ -49,7 +49,7 @@ class _Rotation:
 def pack_and_write(cfg: ShardConfig, out: Path, current: DedupIndex, keep: np.ndarray, info: TokenizerInfo,
                    data_hash: str, token_paths: Sequence[Path]) -> tuple[Manifest, dict[str, dict[str, int]]]:
     """Rows of `current` are in the order of `token_paths` and their records; `keep` selects the survivors."""
-    dtype = token_dtype(info.vocab_size)
+    dtype = token_dtype(info.id_bound)
     packers = {s: Packer(cfg.seq_len, info.eos_id, dtype) for s in SPLITS}
     shards = {s: _Rotation(out, s, cfg.seq_len, dtype, cfg.shard_sequences) for s in SPLITS}
     counts = {s: {"docs": 0, "doc_tokens": 0} for s in SPLITS}
@@ -60,14 +60,15 @@ def pack_and_write(cfg: ShardConfig, out: Path, current: DedupIndex, keep: np.nd
         reader = pa.ipc.open_file(pa.memory_map(str(path)))
         for b in range(reader.num_record_batches):
             column = reader.get_batch(b).column("tokens")
-            offsets, values = column.offsets.to_numpy(), column.values.to_numpy()
+            # Converted (and range-checked) once per batch: the packer then gets slices already in the shard dtype.
+            offsets, values = column.offsets.to_numpy(), as_token_ids(column.values.to_numpy(), dtype, str(path))
             for j in range(len(column)):
                 if keep[row]:
                     split = "val" if current.val[row] else "train"
-                    tokens = values[offsets[j]:offsets[j + 1]]
+                    doc = values[offsets[j]:offsets[j + 1]]
                     counts[split]["docs"] += 1
-                    counts[split]["doc_tokens"] += len(tokens)
-                    shards[split].write(packers[split].add(tokens))
+                    counts[split]["doc_tokens"] += len(doc)
+                    shards[split].write(packers[split].add(doc))
                 row += 1
     if row != len(current):
         raise AssertionError(f"work files hold {row} documents but their dedup columns {len(current)}")

@@ -15,6 +15,7 @@ Each tally names the input it was made from, so the reduce checks work files aga
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -31,7 +32,7 @@ import pyarrow as pa
 from common.publish import commit_file, publish_bytes, publish_json, publish_json_once, remove_stale_temps, temp_path
 from sharding.clean import build_steps
 from sharding.config import ShardConfig
-from sharding.dedup import DedupIndex, find_duplicates
+from sharding.dedup import INDEX, DedupIndex, find_duplicates
 from sharding.documents import Doc, Tally
 from sharding.minhash import MinHasher, exact_hash
 from sharding.packing import pack_and_write
@@ -344,7 +345,8 @@ def reduce_shards(cfg: ShardConfig, out: Path, data_hash: str) -> dict[str, Any]
     if tally.docs_in != tally.docs_kept + sum(tally.dropped.values()):
         raise AssertionError(f"document accounting is off: {tally.docs_in} read, {tally.docs_kept} kept, "
                              f"{sum(tally.dropped.values())} dropped")
-    previous.extended(current, verdict.keep).save(out / "dedup-index.arrow")
+    index = previous.extended(current, verdict.keep).save(out / INDEX)
+    manifest = dataclasses.replace(manifest, dedup_index=index)  # listed, so a later round can check what it reads
     stats = {**tally.state_dict(), "tokens": tokens, "dropped_total": sum(tally.dropped.values())}
     publish_json(out / "stats.json", stats)
     manifest.save(out)

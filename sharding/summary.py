@@ -43,6 +43,8 @@ def decode_sequences(folder: Path, count: int, tokenizer_path: str = "", split: 
     from sharding.shards import ShardReader
     from sharding.tokenize import TokenizerError, load_tokenizer
 
+    if count == 0:  # `inspect` without --decode: a tokenizer moved since must not fail it
+        return []
     manifest = Manifest.load(folder)
     tokenizer, info = load_tokenizer(tokenizer_path or manifest.tokenizer_path)
     if info.sha256 != manifest.tokenizer_sha256:
@@ -50,7 +52,7 @@ def decode_sequences(folder: Path, count: int, tokenizer_path: str = "", split: 
                              f"(sha256 {info.sha256[:12]} vs {manifest.tokenizer_sha256[:12]})")
     texts: list[str] = []
     for shard in manifest.split_shards(split):
-        reader = ShardReader(folder / shard.path)
+        reader = ShardReader(folder / shard.path, shard.batch_table())  # checked as training reads it
         for row in reader:
             if len(texts) == count:
                 return texts

@@ -11,6 +11,8 @@ from typing import Any
 import numpy as np
 from tokenizers import Tokenizer
 
+from sharding.shards import as_token_ids
+
 # Tried in order when no EOS token is configured: GPT-2/SmolLM style, Llama/T5 style, Gemma style.
 EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>")
 
@@ -23,7 +25,8 @@ class TokenizerError(ValueError):
 class TokenizerInfo:
     path: str  # the tokenizer.json read
     sha256: str  # fingerprint: sha256 of tokenizer.json's bytes
-    vocab_size: int
+    vocab_size: int  # entries, added tokens included
+    id_bound: int  # the highest id any entry (added tokens included) maps to, + 1: what the shard dtype must hold
     eos_id: int
 
 
@@ -48,8 +51,11 @@ def load_tokenizer(path: str, eos_token: str = "") -> tuple[Tokenizer, Tokenizer
     if eos_id is None:
         raise TokenizerError(f"tokenizer {file} has no end-of-document token among {', '.join(names)}; "
                              "set shard.eos_token")
+    # Ids need not be dense (a vocabulary with gaps, added tokens placed high): the count is no bound on them.
+    highest = max(tokenizer.get_vocab(with_added_tokens=True).values(), default=-1)
     info = TokenizerInfo(path=str(file), sha256=hashlib.sha256(file.read_bytes()).hexdigest(),
-                         vocab_size=tokenizer.get_vocab_size(with_added_tokens=True), eos_id=eos_id)
+                         vocab_size=tokenizer.get_vocab_size(with_added_tokens=True), id_bound=highest + 1,
+                         eos_id=eos_id)
     return tokenizer, info
 
 
@@ -71,7 +77,7 @@ class Packer:
 
     def add(self, tokens: np.ndarray) -> np.ndarray:
         """Append one document; return the rows completed by it, shape (k, seq_len)."""
-        self._parts += [tokens.astype(self.dtype, copy=False), self.eos]
+        self._parts += [as_token_ids(tokens, self.dtype, "packing"), self.eos]
         self._pending += len(tokens) + 1
         if self._pending < self.seq_len:
             return np.empty((0, self.seq_len), dtype=self.dtype)

@@ -1,151 +1,102 @@
-"""Crash-safe training checkpoints: what is not weights (TrainState, RNG) and the save/validate/prune protocol.
+"""Crash-safe, content-checked training checkpoints: the save / choose / set-aside / prune protocol.
 
 Only directories and files are known here; the trainer's `write` callback puts DeepSpeed's files (and each
-rank's extras) into the directory it is handed. A checkpoint is published by renaming `step-N.tmp` to
-`step-N` after rank 0 has fsynced every file and written `COMPLETE` inside it, so a SIGKILL at any point
-leaves either an ignored `*.tmp` or a complete checkpoint. `COMPLETE` lists every file with its size,
-which is what `verify` checks; `LATEST` is only a convenience for humans and tools.
+rank's extras) into the directory it is handed and returns the ones it wrote.
+
+* Save: rank 0 makes `step-N.tmp`; every rank writes, then fsyncs and hashes (XXH3) the files it wrote itself
+  (only the writer's node can make its data durable on NFS or Lustre) and publishes that list as
+  `.files-rankNNNNN.json`; rank 0 hashes whatever nobody claimed, writes `COMPLETE` (every file with its size,
+  hash and writer) and renames the folder to `step-N`. A SIGKILL at any point leaves an ignored `*.tmp` or a
+  complete checkpoint. `LATEST` is only a convenience for humans and tools.
+* Choose (on resume): rank 0 picks the newest checkpoint whose files have their listed sizes; every rank
+  re-hashes its share (the files it wrote, which are mostly what it loads) and rank 0 gathers the verdicts. One
+  that fails, or whose load fails, is set aside as `step-N.bad` (kept for a person to look at, never deleted,
+  reported by `stillroom status`) and the next older one is tried.
+* Prune: keep the newest `keep_last` valid checkpoints and the best; only valid ones are ever deleted, a damaged
+  one is set aside, and any error other than "file not there" stops the prune: an NFS hiccup must not delete the
+  best checkpoint. Folders derived from a checkpoint (its universal conversion) go with it.
 """
 
 from __future__ import annotations
 
-import base64
 import json
 import math
 import os
-import random
 import re
 import shutil
+import time
 import warnings
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
+from common.checksum import xxh3_file
+from common.publish import fsync_path, publish_bytes, publish_json
 
-from common.publish import fsync_path, fsync_tree, publish_bytes, publish_json
-
-STATE_VERSION = 2
-# Version 1 also had `scheduler`, `best_metric` and `best_step`, never written (the LR is a pure function of the
-# step; the best metric lives in `early_stop`): a version-1 state loads with them dropped.
-_DROPPED_IN_2 = ("scheduler", "best_metric", "best_step")
 COMPLETE = "COMPLETE"
+COMPLETE_VERSION = 2  # 1 listed sizes only; 2 lists {"bytes", "xxh3", "rank"} per file
 LATEST = "LATEST"
+SET_ASIDE = "SET_ASIDE.json"  # inside a `step-N.bad`: when and why it was set aside
 NO_COMPLETE = "no COMPLETE"
 _STEP_DIR = re.compile(r"step-(\d{10,})")
-# Unpublished or discarded directories: "step-N.tmp" being written, "step-N.<why>.tmp" moved aside.
+# Unpublished or discarded directories: "step-N.tmp" being written, "step-N.<why>.tmp" moved aside to delete.
 _TMP_DIR = re.compile(r"step-(\d{10,})(?:\.[a-z]+)?\.tmp")
+_BAD_DIR = re.compile(r"step-(\d{10,})\.bad(?:\.\d+)?")
+_RANK_LIST = re.compile(r"\.files-rank(\d{5,})\.json")
 
 
 class CheckpointWarning(UserWarning):
-    """A checkpoint was skipped or could not be pruned; the message names it and says why."""
+    """A checkpoint was skipped, set aside or could not be pruned; the message names it and says why."""
+
+
+class CheckpointUnreadable(OSError):
+    """A checkpoint could not be examined (an I/O error other than a missing file): neither good nor bad is known,
+    so nothing is set aside or deleted because of it."""
 
 
 def step_dir_name(step: int) -> str:
     return f"step-{step:010d}"
 
 
-@dataclass
-class TrainState:
-    """Everything a resume needs besides weights and optimizer state, as plain JSON."""
+def all_gather(value: Any) -> list[Any]:
+    """Every rank's `value`, on every rank (just [value] without a process group)."""
+    import torch.distributed as dist  # here, not at the top: `stillroom status` reads set-aside checkpoints
 
-    step: int = 0  # optimizer steps done
-    tokens: int = 0  # training tokens seen, over all ranks
-    loader: dict[str, Any] = field(default_factory=dict)  # opaque, from the data loader
-    early_stop: dict[str, Any] = field(default_factory=dict)  # best metric, evals without improvement
-    manifest_sha256: list[str] = field(default_factory=list)  # one per data source
-    config_sha256: str = ""  # the stage config this state was trained under
-    model_fingerprint: str = ""  # the model it started from: a resume onto another model is refused
-    tokenizer_sha256: str = ""  # the tokenizer of the data: a resume onto other tokens is refused
-    seq_len: int = 0  # packed sequence length: a resume onto another length is refused
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"version": STATE_VERSION, **asdict(self)}
-
-    def load_state_dict(self, d: dict[str, Any]) -> None:
-        version = d.get("version")
-        if version == 1:
-            d = {k: v for k, v in d.items() if k not in _DROPPED_IN_2}
-        elif version != STATE_VERSION:
-            raise ValueError(f"train state version {version!r} is not supported "
-                             f"(this code reads 1 and {STATE_VERSION})")
-        names = {f.name for f in fields(self)}
-        given = set(d) - {"version"}
-        # A schema change must bump the version; silently defaulting a field would resume from a wrong state.
-        if missing := sorted(names - given):
-            raise ValueError(f"train state version {version} lacks fields: {', '.join(missing)}")
-        if unknown := sorted(given - names):
-            raise ValueError(f"train state version {version} has unknown fields: {', '.join(unknown)}")
-        for name in names:
-            setattr(self, name, d[name])
-
-    def compatible_with(self, other: TrainState) -> list[str]:
-        """Why a resume from `self` (the checkpoint's state) into `other` (this run) must be refused; [] if fine.
-
-        Config and manifest changes are allowed (e.g. a new learning rate); so is another rank count.
-        """
-        reasons = []
-        if self.tokenizer_sha256 != other.tokenizer_sha256:
-            reasons.append(f"tokenizer differs: checkpoint {self.tokenizer_sha256[:16] or '?'}, "
-                           f"this run {other.tokenizer_sha256[:16] or '?'}")
-        if self.seq_len != other.seq_len:
-            reasons.append(f"seq_len differs: checkpoint {self.seq_len}, this run {other.seq_len}")
-        if self.model_fingerprint != other.model_fingerprint:
-            reasons.append(f"model differs: checkpoint {self.model_fingerprint or '?'}, "
-                           f"this run {other.model_fingerprint or '?'}")
-        return reasons
+    if not dist.is_initialized():
+        return [value]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
 
 
-def _b64(t: torch.Tensor) -> str:
-    return base64.b64encode(t.cpu().numpy().tobytes()).decode()
+def _or_error(compute: Callable[[], Any]) -> Any:
+    """compute()'s result made gatherable (a Path as str), or its CheckpointUnreadable as an error record: every
+    rank must reach the next collective, so a rank that cannot read does not leave the others waiting."""
+    try:
+        result = compute()
+    except CheckpointUnreadable as e:
+        return {"error": str(e)}
+    return str(result) if isinstance(result, Path) else result
 
 
-def _unb64(s: str) -> torch.Tensor:
-    return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)
+def _raise_if_error(gathered: list[Any]) -> None:
+    if errors := [g["error"] for g in gathered if isinstance(g, dict)]:
+        raise CheckpointUnreadable(f"cannot choose a checkpoint to resume from: {errors[0]} (nothing was "
+                                   "set aside; rerun once the filesystem answers, or move that checkpoint away)")
 
 
-def capture_rng() -> dict[str, Any]:
-    """This process's generators as JSON: python `random`, numpy's global one, torch CPU and current CUDA device.
-
-    Only the current CUDA device: asking for all devices would create a CUDA context on every visible GPU
-    in every rank.
-    """
-    py_version, py_internal, py_gauss = random.getstate()
-    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state(legacy=True)
-    state: dict[str, Any] = {
-        "version": 1,
-        "python": [py_version, list(py_internal), py_gauss],
-        "numpy": [np_kind, base64.b64encode(np.ascontiguousarray(np_keys, dtype=np.uint32).tobytes()).decode(),
-                  int(np_pos), int(np_has_gauss), float(np_gauss)],
-        "torch": _b64(torch.get_rng_state()),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = _b64(torch.cuda.get_rng_state(torch.cuda.current_device()))
-    return state
-
-
-def restore_rng(d: dict[str, Any]) -> None:
-    if d.get("version") != 1:
-        raise ValueError(f"RNG state version {d.get('version')!r} is not supported (this code reads 1)")
-    py_version, py_internal, py_gauss = d["python"]
-    random.setstate((py_version, tuple(py_internal), py_gauss))
-    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = d["numpy"]
-    keys = np.frombuffer(base64.b64decode(np_keys), dtype=np.uint32).copy()
-    np.random.set_state((np_kind, keys, np_pos, np_has_gauss, np_gauss))
-    torch.set_rng_state(_unb64(d["torch"]))
-    if "cuda" in d:
-        if torch.cuda.is_available():
-            torch.cuda.set_rng_state(_unb64(d["cuda"]), torch.cuda.current_device())
-        else:
-            warnings.warn("checkpoint has a CUDA RNG state but CUDA is not available; not restored",
-                          CheckpointWarning, stacklevel=2)
-
-
-def rng_file(folder: Path, rank: int) -> Path:
-    """Where rank `rank` keeps its RNG state inside a checkpoint directory."""
-    return folder / f"rng-rank{rank:05d}.json"
+def set_aside_checkpoints(root: Path) -> list[tuple[str, list[str]]]:
+    """(name, problems) of every checkpoint set aside under `root`, newest first: what `stillroom status` reports."""
+    found = []
+    candidates = Path(root).glob("step-*.bad*") if Path(root).is_dir() else iter(())
+    for path in sorted(candidates, key=lambda p: p.name, reverse=True):
+        if not (path.is_dir() and _BAD_DIR.fullmatch(path.name)):
+            continue
+        try:
+            found.append((path.name, json.loads((path / SET_ASIDE).read_text()).get("problems", [])))
+        except (OSError, ValueError):  # set aside by a process killed before it wrote why
+            found.append((path.name, []))
+    return found
 
 
 def _move_aside(path: Path, why: str) -> Path:
@@ -157,10 +108,54 @@ def _move_aside(path: Path, why: str) -> Path:
     return target
 
 
-class Checkpointer:
-    """Saves, validates and prunes `root/step-NNNNNNNNNN` checkpoints written by all ranks together."""
+def _stat_size(path: Path) -> int | None:
+    """The file's size; None when it is not there; CheckpointUnreadable for any other error."""
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise CheckpointUnreadable(f"cannot examine {path}: {e.strerror}") from e
 
-    def __init__(self, root: Path, keep_last: int, rank: int, world: int, barrier: Callable[[], object]) -> None:
+
+def hash_files(folder: Path, files: Iterable[Path | str]) -> dict[str, dict[str, Any]]:
+    """{path relative to folder: {"bytes", "xxh3"}} of `files`, each fsynced first (its data is durable)."""
+    listing = {}
+    for file in files:
+        path = folder / file
+        size = fsync_path(path)
+        listing[path.relative_to(folder).as_posix()] = {"bytes": size, "xxh3": xxh3_file(path)}
+    return listing
+
+
+def _entries(info: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """COMPLETE's file list as {rel: {"bytes", ["xxh3", "rank"]}}, for either version."""
+    files = info.get("files")
+    if not isinstance(files, dict):
+        raise ValueError("COMPLETE has no file list")
+    return {rel: entry if isinstance(entry, dict) else {"bytes": entry} for rel, entry in files.items()}
+
+
+def _read_complete(path: Path) -> dict[str, Any]:
+    """COMPLETE's contents: FileNotFoundError if absent, ValueError if unreadable, CheckpointUnreadable on I/O."""
+    try:
+        info = json.loads((path / COMPLETE).read_text())
+    except FileNotFoundError:
+        raise
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ValueError(f"COMPLETE is unreadable: {e}") from None
+    except OSError as e:
+        raise CheckpointUnreadable(f"cannot read {path / COMPLETE}: {e.strerror}") from e
+    if not isinstance(info, dict):
+        raise ValueError("COMPLETE is not a JSON object")
+    return info
+
+
+class Checkpointer:
+    """Saves, chooses, sets aside and prunes `root/step-NNNNNNNNNN` checkpoints written by all ranks together."""
+
+    def __init__(self, root: Path, keep_last: int, rank: int, world: int, barrier: Callable[[], object],
+                 derived: Sequence[Path] = ()) -> None:
         if keep_last < 1:
             raise ValueError(f"keep_last must be at least 1, got {keep_last}")
         if not 0 <= rank < world:
@@ -170,9 +165,13 @@ class Checkpointer:
         self.rank = rank
         self.world = world
         self.barrier = barrier
+        self.derived = [Path(p) for p in derived]  # folders holding `step-N` conversions of our checkpoints
 
-    def save(self, step: int, write: Callable[[Path], None], metric: float | None = None) -> Path:
-        """All ranks call this; each one's `write(tmp_dir)` puts its files into tmp_dir. Returns the final path.
+    # ------------------------------------------------------------------------------------------------ save
+
+    def save(self, step: int, write: Callable[[Path], Iterable[Path] | None], metric: float | None = None) -> Path:
+        """All ranks call this; each one's `write(tmp_dir)` puts its files into tmp_dir and returns the ones it
+        wrote (None: let rank 0 hash them). Returns the final path.
 
         An exception on one rank leaves the others waiting in `barrier` until the collective times out;
         nothing is published in that case. A valid checkpoint of the same step is kept, not replaced: to
@@ -187,7 +186,8 @@ class Checkpointer:
                 shutil.rmtree(tmp)
             tmp.mkdir()
         self.barrier()
-        write(tmp)
+        written = write(tmp)
+        publish_json(tmp / f".files-rank{self.rank:05d}.json", hash_files(tmp, written or ()))
         self.barrier()
         if self.rank == 0:
             self._publish(step, tmp, final, metric)
@@ -205,47 +205,85 @@ class Checkpointer:
             publish_bytes(self.root / LATEST, f"{final.name}\n".encode())
             self.prune()
             return
-        # Sizes as seen through an open descriptor: fresh on NFS even for files other nodes wrote.
-        files = fsync_tree(tmp)
-        files.pop(COMPLETE, None)
-        publish_json(tmp / COMPLETE, {"version": 1, "step": step, "metric": metric,
+        files: dict[str, dict[str, Any]] = {}
+        for listing in sorted(tmp.glob(".files-rank*.json")):
+            writer = int(_RANK_LIST.fullmatch(listing.name).group(1))  # type: ignore[union-attr]
+            files |= {rel: {**entry, "rank": writer} for rel, entry in json.loads(listing.read_text()).items()}
+            listing.unlink()
+        # What no rank claimed (a file DeepSpeed writes outside its checkpoint engine) is hashed here.
+        unclaimed = [p for p in sorted(tmp.rglob("*")) if p.is_file() and p.relative_to(tmp).as_posix() not in files]
+        files |= {rel: {**entry, "rank": 0} for rel, entry in hash_files(tmp, unclaimed).items()}
+        for folder in sorted({p.parent for p in tmp.rglob("*")} | {tmp}, key=lambda p: -len(p.parts)):
+            fsync_path(folder)  # the files are durable; so must their directory entries be
+        publish_json(tmp / COMPLETE, {"version": COMPLETE_VERSION, "step": step, "metric": metric,
                                       "world_size": self.world, "files": files})
-        if final.exists():  # damaged: nothing valid is lost by moving it out of the way
-            _move_aside(final, "bad")
+        if final.exists():  # damaged: kept for inspection, out of the way
+            self.set_aside(final, self.verify(final), then="saved again")
         os.rename(tmp, final)  # the multi-rank protocol: every rank wrote into the deterministic `step-N.tmp`
         fsync_path(self.root)
         publish_bytes(self.root / LATEST, f"{final.name}\n".encode())
         self.prune()
 
+    # ---------------------------------------------------------------------------------------------- verify
+
     def verify(self, path: Path) -> list[str]:
-        """Problems that make `path` unusable as a checkpoint; [] when it is complete and intact."""
+        """Problems that make `path` unusable, by the listed sizes (cheap: one stat per file); [] when complete.
+
+        Raises CheckpointUnreadable when it cannot tell (an I/O error other than a missing file)."""
         if not path.is_dir():
             return ["not a directory"]
         try:
-            info = json.loads((path / COMPLETE).read_text())
+            info = _read_complete(path)
+            entries = _entries(info)
         except FileNotFoundError:
             return [NO_COMPLETE]
-        except (OSError, UnicodeDecodeError, ValueError) as e:
-            return [f"COMPLETE is unreadable: {e}"]
-        if not isinstance(info, dict) or not isinstance(info.get("files"), dict):
-            return ["COMPLETE has no file list"]
+        except ValueError as e:
+            return [str(e)]
         problems = []
         match = _STEP_DIR.fullmatch(path.name)
         if match and info.get("step") != int(match.group(1)):
             problems.append(f"COMPLETE is for step {info.get('step')!r}, not {int(match.group(1))}")
-        for rel, size in info["files"].items():
-            target = path / rel
-            if Path(rel).is_absolute() or ".." in Path(rel).parts or not isinstance(size, int):
-                problems.append(f"COMPLETE has a bad entry {rel!r}: {size!r}")
+        for rel, entry in entries.items():
+            if Path(rel).is_absolute() or ".." in Path(rel).parts or not isinstance(entry.get("bytes"), int):
+                problems.append(f"COMPLETE has a bad entry {rel!r}: {entry!r}")
+                continue
+            actual = _stat_size(path / rel)
+            if actual is None:
+                problems.append(f"missing file {rel}")
+            elif actual != entry["bytes"]:
+                problems.append(f"{rel} has {actual} bytes, COMPLETE lists {entry['bytes']}")
+        return problems
+
+    def verify_content(self, path: Path) -> list[str]:
+        """Re-hash this rank's share of `path`'s files (what it wrote when the rank count is the same; an even
+        split otherwise); problems found, [] when every hash matches. A version-1 COMPLETE has no hashes: a
+        warning says so and only sizes were checked."""
+        try:
+            entries = _entries(_read_complete(path))
+        except (FileNotFoundError, ValueError) as e:
+            return [str(e) or NO_COMPLETE]
+        if not any("xxh3" in e for e in entries.values()):
+            if self.rank == 0:
+                warnings.warn(f"checkpoint {path.name} predates content hashes: only its file sizes were checked",
+                              CheckpointWarning, stacklevel=2)
+            return []
+        problems = []
+        for i, (rel, entry) in enumerate(sorted(entries.items())):
+            if int(entry.get("rank", i)) % self.world != self.rank:
                 continue
             try:
-                actual = target.stat().st_size
-            except OSError:
+                actual = xxh3_file(path / rel)
+            except FileNotFoundError:
                 problems.append(f"missing file {rel}")
                 continue
-            if actual != size:
-                problems.append(f"{rel} has {actual} bytes, COMPLETE lists {size}")
+            except OSError as e:
+                raise CheckpointUnreadable(f"cannot read {path / rel}: {e.strerror}") from e
+            if actual != entry.get("xxh3"):
+                problems.append(f"{rel}: content hash {actual} differs from COMPLETE's {entry.get('xxh3')} "
+                                f"(rank {self.rank} checked it)")
         return problems
+
+    # ------------------------------------------------------------------------------------ choose, set aside
 
     def _steps(self, pattern: re.Pattern[str]) -> list[tuple[int, Path]]:
         """(step, path) of root's entries matching `pattern`, newest first."""
@@ -255,45 +293,66 @@ class Checkpointer:
         return sorted(found, key=lambda sp: (sp[0], sp[1].name), reverse=True)
 
     def latest_valid(self) -> Path | None:
-        """The newest valid checkpoint; newer invalid ones are skipped with a CheckpointWarning naming them.
-
-        Every rank may call this, but on a filesystem with client caches the ranks could disagree: let
-        rank 0 decide and broadcast the name.
-        """
-        skipped: list[tuple[Path, list[str]]] = []
-        chosen: Path | None = None
+        """The newest checkpoint whose files have their listed sizes. Newer damaged ones are set aside (only rank
+        0 may call this); CheckpointUnreadable propagates: a checkpoint that cannot be examined is not skipped."""
         for _step, path in self._steps(_STEP_DIR):
             if not path.is_dir():
                 continue
-            problems = self.verify(path)
-            if not problems:
-                chosen = path
-                break
-            skipped.append((path, problems))
-        using = f"using {chosen.name}" if chosen else "no valid checkpoint left"
-        for path, problems in skipped:
-            kind = "incomplete" if problems == [NO_COMPLETE] else "invalid"
-            shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
-            warnings.warn(f"checkpoint {path.name} is {kind} ({shown}), {using}", CheckpointWarning, stacklevel=2)
-        return chosen
+            if not (problems := self.verify(path)):
+                return path
+            self.set_aside(path, problems)
+        return None
+
+    def choose(self) -> Path | None:
+        """Every rank calls this on resume: the newest checkpoint whose content every rank has checked, or None.
+
+        Rank 0 decides and the others follow, so a lagging shared filesystem cannot split the ranks."""
+        while True:
+            candidate = all_gather(_or_error(self.latest_valid) if self.rank == 0 else None)[0]
+            _raise_if_error([candidate])
+            if candidate is None:
+                return None
+            path = Path(candidate)
+            shares = all_gather(_or_error(lambda p=path: self.verify_content(p)))  # type: ignore[misc]
+            _raise_if_error(shares)
+            if not (problems := [p for share in shares for p in share]):
+                return path
+            if self.rank == 0:
+                self.set_aside(path, problems)
+
+    def set_aside(self, path: Path, problems: list[str], then: str = "using an older one") -> Path:
+        """Rename a bad checkpoint to `step-N.bad` (kept, never deleted) with SET_ASIDE.json saying why."""
+        target = path.with_name(f"{path.name}.bad")
+        n = 0
+        while target.exists():
+            n += 1
+            target = path.with_name(f"{path.name}.bad.{n}")
+        os.rename(path, target)
+        fsync_path(self.root)
+        publish_json(target / SET_ASIDE, {"problems": problems, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                                                    time.gmtime())})
+        self._delete_derived(path.name)  # converted from bad data
+        shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
+        warnings.warn(f"checkpoint {path.name} is damaged ({shown}); set aside as {target.name}, {then}",
+                      CheckpointWarning, stacklevel=2)
+        return target
+
+    # ----------------------------------------------------------------------------------------------- prune
 
     def _metric(self, path: Path) -> float | None:
-        try:
-            metric = json.loads((path / COMPLETE).read_text()).get("metric")
-        except (OSError, ValueError, AttributeError):
-            return None
+        metric = _read_complete(path).get("metric")
         # NaN never compares lower, so it could never be "best"; treat it as no metric.
         return float(metric) if isinstance(metric, int | float) and not math.isnan(metric) else None
 
-    def _survey(self) -> tuple[list[tuple[int, Path]], list[Path]]:
-        """Valid checkpoints (step, path) newest first, and the invalid ones older than the newest valid one."""
+    def _survey(self) -> tuple[list[tuple[int, Path]], list[tuple[Path, list[str]]]]:
+        """Valid checkpoints (step, path) newest first, and the damaged ones older than the newest valid one."""
         valid: list[tuple[int, Path]] = []
-        damaged: list[Path] = []
+        damaged: list[tuple[Path, list[str]]] = []
         for step, path in self._steps(_STEP_DIR):
-            if not self.verify(path):
+            if not (problems := self.verify(path)):
                 valid.append((step, path))
             elif valid:  # older than a valid one: a leftover, not a save in progress
-                damaged.append(path)
+                damaged.append((path, problems))
         return valid, damaged
 
     def _best(self, valid: list[tuple[int, Path]]) -> Path | None:
@@ -306,19 +365,39 @@ class Checkpointer:
         return self._best(self._survey()[0])
 
     def prune(self) -> None:
-        """Keep the newest `keep_last` valid checkpoints and the best (lowest metric); delete the rest.
+        """Keep the newest `keep_last` valid checkpoints and the best (lowest metric); delete the other valid ones.
 
-        Only rank 0 may call this (save does). Invalid checkpoints newer than the newest valid one and
-        `.tmp` directories newer than it are left alone: they are not garbage of a finished save.
+        Only rank 0 may call this (save does). Damaged checkpoints are set aside, not deleted. Anything newer
+        than the newest valid checkpoint is left alone: it is not garbage of a finished save. When a checkpoint
+        cannot be examined, nothing is pruned this time.
         """
-        valid, doomed = self._survey()
-        keep = {path for _, path in valid[: self.keep_last]} | {self._best(valid)}
-        doomed += [path for _, path in valid if path not in keep]
+        try:
+            valid, damaged = self._survey()
+            keep = {path for _, path in valid[: self.keep_last]} | {self._best(valid)}
+        except CheckpointUnreadable as e:
+            warnings.warn(f"not pruning {self.root} this time: {e}", CheckpointWarning, stacklevel=2)
+            return
+        for path, problems in damaged:
+            self.set_aside(path, problems)
+        doomed = [path for _, path in valid if path not in keep]
         if valid:
             doomed += [path for step, path in self._steps(_TMP_DIR) if step <= valid[0][0]]
         doomed += list(self.root.glob(f".{LATEST}.tmp*"))  # publish_bytes' leftovers (.LATEST.tmp.<host>.<pid>)
         for path in doomed:
             self._delete(path)
+            if _STEP_DIR.fullmatch(path.name):
+                self._delete_derived(path.name)
+        existing = {path.name for _, path in self._steps(_STEP_DIR)}
+        for root in self.derived:  # conversions whose checkpoint is gone (pruned or set aside) go too
+            for converted in list(root.glob("step-*")) if root.is_dir() else []:
+                if _STEP_DIR.fullmatch(converted.name) and converted.name not in existing:
+                    self._delete_derived(converted.name)
+
+    def _delete_derived(self, name: str) -> None:
+        for root in self.derived:
+            for path in (root / name, root / f"{name}.failed", root / f"{name}.converting"):
+                if path.exists():
+                    self._delete(path)
 
     def _delete(self, path: Path) -> None:
         try:

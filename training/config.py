@@ -40,7 +40,7 @@ class DataConfig:
     names: tuple[str, ...] = ()  # name per source in logs and metrics (empty: the folder names)
     seed: int = 1234  # seeds the per-epoch shuffle of every source; the mixing order itself is fixed
     split: str = "train"  # which split of every source to train on
-    verify_hashes: bool = False  # re-hash every shard at start (reads all data); otherwise only sizes are checked
+    verify_hashes: bool = False  # also sha256 every shard at start (reads all data); always: sizes, each batch's XXH3
 
     def __post_init__(self) -> None:
         for name in ("weights", "names"):

@@ -83,13 +83,28 @@ class OpenedSource:
     def _shard(self, index: int) -> _OpenShard:
         if (shard := self._open.get(index)) is None:
             info = self.shards[index]
-            reader = ShardReader(self.folder / info.path)
-            if (reader.rows, reader.seq_len) != (info.rows, self.seq_len):
-                raise DataError(f"{self.folder}: {info.path} holds {reader.rows} rows of {reader.seq_len} tokens, "
-                                f"manifest says {info.rows} of {self.seq_len}")
-            first = reader.batch(0)  # its length is the batch size: the writer makes every batch but the last full
+            try:
+                reader = ShardReader(self.folder / info.path, info.batch_table())
+            except ManifestError as e:  # ShardCorrupt among them: the message names the file and what to run
+                raise DataError(str(e)) from None
+            try:
+                if (reader.rows, reader.seq_len) != (info.rows, self.seq_len):
+                    raise DataError(f"{self.folder}: {info.path} holds {reader.rows} rows of {reader.seq_len} "
+                                    f"tokens, manifest says {info.rows} of {self.seq_len}")
+                first = self._batch(reader, 0)  # its length is the batch size: every batch but the last is full
+            except DataError:
+                reader.close()
+                raise
             shard = self._open[index] = _OpenShard(reader, len(first), 0, first)
         return shard
+
+    @staticmethod
+    def _batch(reader: ShardReader, b: int) -> np.ndarray:
+        """Record batch b, checked against the manifest's table (format 2) before it is decoded."""
+        try:
+            return reader.batch(b)
+        except ManifestError as e:
+            raise DataError(str(e)) from None
 
     def get(self, i: int) -> np.ndarray:
         """Row i of the split (shards in manifest order), read-only, in the shard dtype."""
@@ -99,7 +114,7 @@ class OpenedSource:
         shard = self._shard(index)
         b, offset = divmod(i - self.starts[index], shard.batch_rows)
         if b != shard.index:
-            shard.rows, shard.index = shard.reader.batch(b), b
+            shard.rows, shard.index = self._batch(shard.reader, b), b
             shard.rows.setflags(write=False)  # callers get views of the cache
         return shard.rows[offset]
 

@@ -14,7 +14,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, NoReturn
@@ -22,21 +22,22 @@ from typing import Any, NoReturn
 import torch
 import torch.distributed as dist
 
-from common.publish import publish_json, publishing_dir
+from common.publish import publish_json
 from sharding.tokenize import tokenizer_fingerprint
 from slurm.requeue import REQUEUE_GRACE_S
 from slurm.taskenv import TaskEnv, process_age_s, slurm_job_end_time
-from training.checkpoint import Checkpointer, TrainState, capture_rng, restore_rng, rng_file
+from training.checkpoint import Checkpointer, all_gather
 from training.config import TrainConfig
 from training.data import EvalSet, MixedStream, OpenedSource, check_compatible, open_sources
+from training.ds_checkpoint import load_checkpoint, loadable, record_checkpoint_files, saved_world, write_checkpoint
 from training.engine import build_engine, deepspeed_config, load_model, model_fingerprint, setup_distributed
 from training.evaluate import EarlyStopping, evaluate
 from training.export import ExportInterrupted, export_model
 from training.metrics import MetricsLog
+from training.rng import restore_rng, rng_file
 from training.schedule import lr_at
 from training.stop import REQUEUE_EXIT_CODE, StopRequest
-
-TRAIN_STATE = "train_state.json"  # inside each checkpoint, written by rank 0
+from training.train_state import TrainState
 
 
 @dataclass(frozen=True)
@@ -89,52 +90,11 @@ def open_data(cfg: TrainConfig, world: int) -> TrainData:
                      [s.manifest_sha256 for s in sources], seq_len, tokenizer_sha)
 
 
-def _choose_checkpoint(checkpoints: Checkpointer, rank: int) -> Path | None:
-    """Rank 0 validates and picks; the others follow, so a lagging shared filesystem cannot split them."""
-    choice = [str(checkpoints.latest_valid()) if rank == 0 else None]
-    if dist.is_initialized():
-        dist.broadcast_object_list(choice, src=0)
-    return None if choice[0] in (None, "None") else Path(choice[0])
-
-
-def _saved_world(checkpoint: Path) -> int:
-    return int(json.loads((checkpoint / "COMPLETE").read_text()).get("world_size", 0))
-
-
-def _loadable(cfg: TrainConfig, resumed: Path | None, universal_root: Path, rank: int,
-              world: int) -> tuple[TrainConfig, Path | None]:
-    """The folder to load `resumed` from, and the config to load it with."""
-    if resumed is None or _saved_world(resumed) == world or cfg.engine.zero_stage == 0:
-        return cfg, resumed
-    # ZeRO shards optimizer state by rank; another rank count needs DeepSpeed's universal format.
-    overrides = {**cfg.engine.overrides, "checkpoint.load_universal": "true"}
-    return replace(cfg, engine=replace(cfg.engine, overrides=overrides)), _universal(resumed, universal_root, rank)
-
-
-def _universal(checkpoint: Path, root: Path, rank: int) -> Path:
-    """The checkpoint in DeepSpeed's universal format (converted once, by rank 0), loadable on any rank count."""
-    target = root / checkpoint.name
-    if rank == 0 and not (target / "COMPLETE").exists():
-        from deepspeed.checkpoint.ds_to_universal import main as to_universal
-        from deepspeed.checkpoint.ds_to_universal import parse_arguments
-
-        saved_argv = sys.argv
-        with publishing_dir(target) as tmp:
-            try:
-                sys.argv = ["ds_to_universal", "--input_folder", str(checkpoint), "--output_folder", str(tmp),
-                            "--num_extract_workers", "1", "--num_merge_workers", "1"]
-                to_universal(parse_arguments())
-            finally:
-                sys.argv = saved_argv
-    if dist.is_initialized():
-        dist.barrier()
-    return target
-
-
 def _engine(cfg: TrainConfig, folder: Path, device: torch.device, main: bool) -> Any:
     model = load_model(cfg.model.path, cfg.model.dtype, dropout=cfg.model.dropout,
                        gradient_checkpointing=cfg.model.gradient_checkpointing)
     engine = build_engine(cfg, model, device.type == "cuda")
+    record_checkpoint_files(engine)  # each rank fsyncs and hashes the checkpoint files it wrote
     if main:  # the configuration DeepSpeed was given, for whoever debugs the run
         publish_json(folder / "deepspeed.json", deepspeed_config(cfg, device.type == "cuda"))
     return engine
@@ -144,13 +104,27 @@ def _job_end_time(env: TaskEnv) -> float | None:
     return env.end_time or (slurm_job_end_time(env.job_id) if env.launcher == "slurm" and env.rank == 0 else None)
 
 
-def _resume(engine: Any, resumed: Path, load_from: Path, state: TrainState, early: EarlyStopping, env: TaskEnv,
-            config_sha256: str) -> None:
-    """Weights, optimizer, train state, this rank's RNG and early stopping from the checkpoint `resumed`."""
+def _resume(engine: Any, checkpoints: Checkpointer, resumed: Path, load_from: Path, state: TrainState,
+            early: EarlyStopping, env: TaskEnv, config_sha256: str) -> None:
+    """Weights, optimizer, train state, this rank's RNG and early stopping from the checkpoint `resumed`.
+
+    A checkpoint that fails to load on any rank is set aside and the next older one is loaded in its place
+    (DeepSpeed's load replaces every weight and optimizer state, so a failed attempt leaves nothing behind).
+    A resume on another rank count loads a universal conversion, which only the first choice was given."""
     rank = env.rank
-    engine.load_checkpoint(str(load_from.parent), tag=load_from.name, load_lr_scheduler_states=False)
-    saved = TrainState()
-    saved.load_state_dict(json.loads((resumed / TRAIN_STATE).read_text()))
+    while True:
+        saved, why = load_checkpoint(engine, load_from, resumed)
+        if not (failures := [f"rank {r}: {w}" for r, w in enumerate(all_gather(why)) if w]):
+            break
+        if rank == 0:
+            checkpoints.set_aside(resumed, failures)
+        older = checkpoints.choose()
+        if older is None or load_from != resumed or saved_world(older) != env.world_size:
+            raise RuntimeError(f"cannot resume: {resumed.name} failed to load ({failures[0]}) and was set aside; "
+                               + ("no older checkpoint is left" if older is None else
+                                  f"rerun to resume from {older.name}"))
+        resumed = load_from = older
+    assert saved is not None
     if problems := saved.compatible_with(state):
         raise ValueError(f"cannot resume from {resumed}: {'; '.join(problems)}")
     state.load_state_dict({**saved.state_dict(), "config_sha256": config_sha256,
@@ -220,22 +194,12 @@ def checkpoint_due(cfg: TrainConfig, step: int, minutes_since_save: float, new_b
                 or (new_best and cfg.export == "best"))
 
 
-def _write_checkpoint(engine: Any, state: TrainState, rank: int, folder: Path) -> None:
-    """What this rank puts into the checkpoint folder `Checkpointer.save` hands it."""
-    # The (empty) universal info lets ds_to_universal convert it for a resume on another rank count.
-    engine.save_checkpoint(str(folder.parent), tag=folder.name, save_latest=False,
-                           client_state={"universal_checkpoint_info": {}})
-    publish_json(rng_file(folder, rank), capture_rng())
-    if rank == 0:
-        publish_json(folder / TRAIN_STATE, state.state_dict())
-
-
 def save_checkpoint(checkpoints: Checkpointer, engine: Any, state: TrainState, stream: MixedStream,
                     early: EarlyStopping, rank: int, metric: float | None, log: MetricsLog, reason: str) -> Path:
     """Every rank calls this at the same step; the checkpoint is published whole or not at all."""
     state.loader, state.early_stop = dict(stream.state_dict()), early.state_dict()
     began = time.monotonic()
-    path = checkpoints.save(state.step, partial(_write_checkpoint, engine, state, rank), metric=metric)
+    path = checkpoints.save(state.step, partial(write_checkpoint, engine, state, rank), metric=metric)
     log.record("checkpoint", path=path.name, reason=reason, seconds=time.monotonic() - began)
     return path
 
@@ -312,9 +276,10 @@ def _train(cfg: TrainConfig, paths: TrainPaths, env: TaskEnv, objective: Objecti
     device = setup_distributed(env)
     rank, world, main = env.rank, env.world_size, env.rank == 0
     data = open_data(cfg, world)
-    checkpoints = Checkpointer(paths.checkpoints, cfg.checkpoint.keep_last, rank, world, dist.barrier)
-    resumed = _choose_checkpoint(checkpoints, rank)
-    cfg, load_from = _loadable(cfg, resumed, paths.folder / "universal", rank, world)
+    checkpoints = Checkpointer(paths.checkpoints, cfg.checkpoint.keep_last, rank, world, dist.barrier,
+                               derived=[paths.folder / "universal"])
+    resumed = checkpoints.choose()  # the newest whose every file's hash every rank has checked
+    cfg, load_from = loadable(cfg, resumed, paths.folder / "universal", rank, world)
     engine = _engine(cfg, paths.folder, device, main)
     state = TrainState(manifest_sha256=data.manifests, config_sha256=config_sha256, seq_len=data.seq_len,
                        model_fingerprint=model_fingerprint(cfg.model.path), tokenizer_sha256=data.tokenizer_sha256)
@@ -324,7 +289,7 @@ def _train(cfg: TrainConfig, paths: TrainPaths, env: TaskEnv, objective: Objecti
 
     # --- resume from the newest valid checkpoint, if any --------------------------------------------------------------
     if resumed is not None and load_from is not None:
-        _resume(engine, resumed, load_from, state, early, env, config_sha256)
+        _resume(engine, checkpoints, resumed, load_from, state, early, env, config_sha256)
     data.stream.load_state_dict(state.loader)
     micro, accum = cfg.engine.micro_batch, cfg.engine.grad_accum
     if main:

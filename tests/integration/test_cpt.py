@@ -80,25 +80,46 @@ def test_sigusr2_checkpoints_and_resume_is_bitwise_exact(tmp_path: Path, shards:
     assert bitwise_equal(cpt_reference.weights, weights(run.path, "cpt")), "final weights are bitwise equal"
 
 
-def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tmp_path: Path, shards: Path, base_model: Path) -> None:
+def _damage(checkpoint: Path, how: str) -> None:
+    """Same-size damage to the checkpoint's largest file, which its listed sizes cannot see."""
+    victim = max(checkpoint.rglob("*.pt"), key=lambda p: p.stat().st_size)
+    data = bytearray(victim.read_bytes())
+    if how == "bit flip":
+        data[len(data) // 2] ^= 0x20
+    elif how == "zeroed block":
+        data[len(data) // 2: len(data) // 2 + 4096] = bytes(4096)
+    else:  # "unloadable, hashes unknown": a checkpoint of before content hashes with its zip directory zeroed
+        data[-4096:] = bytes(4096)
+        info = json.loads((checkpoint / "COMPLETE").read_text())
+        info["files"] = {rel: entry["bytes"] for rel, entry in info["files"].items()}
+        (checkpoint / "COMPLETE").write_text(json.dumps({**info, "version": 1}))
+    victim.write_bytes(bytes(data))
+
+
+def test_a_damaged_newest_checkpoint_is_set_aside_and_the_rerun_resumes_from_the_previous(
+        tmp_path: Path, shards: Path, base_model: Path) -> None:
     config = train_config(tmp_path, "cpt", shards, base_model)
     assert main(["run", str(config), "cpt.steps=8"]) == 0
     out = run_dir(tmp_path, "cpt")
-    checkpoints = sorted((out / "cpt" / "checkpoints").glob("step-*"))
-    assert [p.name for p in checkpoints] == ["step-0000000004", "step-0000000008"]
-    victim = next(p for p in (checkpoints[-1]).rglob("*.pt"))
-    victim.write_bytes(victim.read_bytes()[:100])  # truncated: its size no longer matches COMPLETE
-    (out / "cpt" / "export" / "COMPLETE").unlink()
-    state = json.loads((out / "state.json").read_text())
-    state["stages"]["cpt"]["status"] = "failed"
-    (out / "state.json").write_text(json.dumps(state))
-    with pytest.warns(UserWarning, match="step-0000000008"):
-        from training.checkpoint import Checkpointer
-
-        assert Checkpointer(out / "cpt" / "checkpoints", 2, 0, 1, lambda: None).latest_valid() == checkpoints[0]
-    assert main(["run", str(config), "cpt.steps=8"]) == 0
-    logs = "".join(p.read_text() for p in log_files(RunDir(out), "cpt", 0))
-    assert "resumed from step-0000000004 at step 4" in logs
+    checkpoints = out / "cpt" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.glob("step-*")) == ["step-0000000004", "step-0000000008"]
+    for attempt, how in enumerate(("bit flip", "zeroed block", "unloadable, hashes unknown"), start=1):
+        _damage(checkpoints / "step-0000000008", how)
+        (out / "cpt" / "export" / "COMPLETE").unlink()  # so that the rerun has the stage to do again
+        state = json.loads((out / "state.json").read_text())
+        state["stages"]["cpt"]["status"] = "failed"
+        (out / "state.json").write_text(json.dumps(state))
+        assert main(["run", str(config), "cpt.steps=8"]) == 0, how
+        first = records(out, "cpt", "first_step")
+        assert len(first) == attempt + 1 and first[-1]["resumed"] and first[-1]["step"] == 5, (how, first)
+        bad = sorted(p.name for p in checkpoints.glob("step-0000000008.bad*"))
+        assert len(bad) == attempt, (how, bad)  # each damaged one kept, none deleted
+        why = json.loads((checkpoints / bad[-1] / "SET_ASIDE.json").read_text())["problems"]
+        expected = "failed: " if how.startswith("unloadable") else "content hash"
+        assert any(expected in p for p in why), (how, why)
+        assert (checkpoints / "step-0000000008" / "COMPLETE").exists(), "the rerun saved step 8 anew"
+    logs = "".join(p.read_text() for p in log_files(RunDir(out), "cpt", 0))  # the last attempt's
+    assert "predates content hashes" in logs and "resumed from step-0000000004 at step 4" in logs
 
 
 @pytest.mark.slurm
@@ -135,8 +156,22 @@ def test_two_rank_run_resumed_on_one_rank_continues_the_same_data(tmp_path: Path
     (run.path / "config.toml").unlink()
     RunDir.create(one_rank)
     (proc,) = run_trainer(run.path, 1)
-    assert proc.wait(timeout=300) == 0
+    wait_for_step(run.path, "cpt", stopped + 6)
+    proc.send_signal(signal.SIGUSR2)
+    assert proc.wait(timeout=120) == REQUEUE_EXIT_CODE
+    again = records(run.path, "cpt", "stop")[-1]["step"]
+    # And back on 2 ranks: the 1-rank checkpoint goes through the universal format, converted by rank 0 while
+    # rank 1 waits for it on the filesystem.
+    (run.path / "config.toml").unlink()
+    RunDir.create(load_run_config(config, overrides))
+    procs = run_trainer(run.path, 2)
+    assert [p.wait(timeout=300) for p in procs] == [0, 0]
+    first = records(run.path, "cpt", "first_step")[-1]
+    assert (first["step"], first["world"], first["resumed"]) == (again + 1, 2, True)
+    converted = {p.name for p in (run.path / "cpt" / "universal").glob("step-*")}
+    assert converted <= {p.name for p in (run.path / "cpt" / "checkpoints").glob("step-*")}, \
+        "a conversion is pruned with its checkpoint"
     ref, got = cpt_reference.losses, losses(run.path, "cpt")
-    assert stopped < 30 and set(got) == set(ref)
-    for step in range(stopped + 1, 31):  # after the resume: same samples, only the reduction order differs
+    assert stopped < again < 30 and set(got) == set(ref)
+    for step in range(stopped + 1, 31):  # after the resumes: same samples, only the reduction order differs
         assert got[step] == pytest.approx(ref[step], rel=1e-4), step

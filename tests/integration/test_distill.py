@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
+from dataclasses import asdict, dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -11,6 +14,7 @@ import pytest
 from launcher.cli import main
 from launcher.run_config import load_run_config
 from launcher.rundir import RunDir
+from tests.conftest import free_port
 from training.stop import REQUEUE_EXIT_CODE
 
 from .helpers import (
@@ -81,26 +85,44 @@ def test_interrupted_distillation_resumes_bitwise(tmp_path: Path, shards: Path, 
     assert bitwise_equal(distill_reference.weights, weights(run.path, "distill"))
 
 
-def test_cached_topk_with_the_whole_vocabulary_matches_the_live_teacher(
-        tmp_path: Path, corpora: dict[str, Path], tokenizer_dir: Path, shards: Path, teacher_model: Path) -> None:
+@dataclass(frozen=True)
+class _Cache:
+    folder: Path  # the tests' folder: run configs, runs
+    config: Path  # the distill run config
+    tokens: Path  # the small token source the cache covers
+    cache: Path  # the finished teacher-logits cache: read it, never write to it
+    k: int
+
+
+@pytest.fixture(scope="module")
+def topk_cache(tmp_path_factory: pytest.TempPathFactory, corpora: dict[str, Path], tokenizer_dir: Path,
+               teacher_model: Path) -> _Cache:
+    """A teacher-logits cache with k = the whole vocabulary, made once by the stage (2 compute tasks, index)."""
+    from sharding.corpus import read_corpus
+
+    folder = tmp_path_factory.mktemp("topk")
+    docs = list(read_corpus(corpora["wiki"]))[:20]
+    (folder / "small.jsonl").write_text("".join(json.dumps(r) + "\n" for r in docs))
+    small = shard(folder / "s", [folder / "small.jsonl"], tokenizer_dir, "shard.seq_len=64",
+                  "shard.val_fraction=0.3", "shard.clean.quality.min_words=5")
+    vocab = json.loads((teacher_model / "config.json").read_text())["vocab_size"]
+    config = train_config(folder / "kd", "distill", small, teacher_model)
+    assert main(["run", str(config), 'run.stages=["teacher_logits"]', f"teacher_logits.teacher={teacher_model}",
+                 f"teacher_logits.source={small}", f"teacher_logits.k={vocab}", "teacher_logits.tasks=2"]) == 0
+    return _Cache(folder, config, small, run_dir(folder / "kd", "distill") / "teacher_logits", vocab)
+
+
+def test_cached_topk_with_the_whole_vocabulary_matches_the_live_teacher(topk_cache: _Cache, shards: Path,
+                                                                        teacher_model: Path) -> None:
     import numpy as np
     import torch
 
-    from sharding.corpus import read_corpus
     from training.data import DataError, OpenedSource
     from training.kd import kd_loss, kd_loss_topk
     from training.teacher_logits import TopkCache
 
-    docs = list(read_corpus(corpora["wiki"]))[:20]
-    (tmp_path / "small.jsonl").write_text("".join(json.dumps(r) + "\n" for r in docs))
-    small = shard(tmp_path / "s", [tmp_path / "small.jsonl"], tokenizer_dir, "shard.seq_len=64",
-                  "shard.val_fraction=0.3", "shard.clean.quality.min_words=5")
-    vocab = json.loads((teacher_model / "config.json").read_text())["vocab_size"]
-    config = train_config(tmp_path / "kd", "distill", small, teacher_model)
-    assert main(["run", str(config), 'run.stages=["teacher_logits"]', f"teacher_logits.teacher={teacher_model}",
-                 f"teacher_logits.source={small}", f"teacher_logits.k={vocab}", "teacher_logits.tasks=2"]) == 0
-    cache_dir = run_dir(tmp_path / "kd", "distill") / "teacher_logits"
-    tokens = OpenedSource(small)
+    config, cache_dir, tmp_path = topk_cache.config, topk_cache.cache, topk_cache.folder
+    tokens = OpenedSource(topk_cache.tokens)
     cache = TopkCache(cache_dir, tokens, teacher_model)
     rows = list(range(min(4, tokens.rows)))
     input_ids = torch.from_numpy(np.stack([tokens.get(r) for r in rows]).astype(np.int64))
@@ -128,6 +150,82 @@ def test_cached_topk_with_the_whole_vocabulary_matches_the_live_teacher(
     assert student["layer_choice"] == "influence" and student["kept_layers"] == [0, 3]
     assert student["bridge_rows"] == 6 and [b["replaces"] for b in student["bridges"]] == [[1, 2]]
     assert student["bridges"][0]["relative_error_after"] < student["bridges"][0]["relative_error_before"]
+
+
+def test_a_cache_is_refused_once_the_teachers_weights_changed(topk_cache: _Cache, teacher_model: Path,
+                                                             tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    from training.data import DataError, OpenedSource
+    from training.teacher_logits import TopkCache
+
+    teacher = Path(shutil.copytree(teacher_model, tmp_path / "teacher"))
+    TopkCache(topk_cache.cache, OpenedSource(topk_cache.tokens), teacher)  # the same weights elsewhere: accepted
+    tensors = load_file(teacher / "model.safetensors")
+    tensors["model.layers.1.mlp.up_proj.weight"][0, 0] += 0.5  # the same config, one weight changed
+    save_file(tensors, teacher / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(DataError, match=rf"^teacher top-k cache {topk_cache.cache} was made with other weights than "
+                                        rf"those of the teacher {teacher} now .*; rerun the teacher_logits stage$"):
+        TopkCache(topk_cache.cache, OpenedSource(topk_cache.tokens), teacher)
+
+
+def test_the_index_builds_the_manifest_from_what_the_writers_returned(topk_cache: _Cache, teacher_model: Path,
+                                                                      tmp_path: Path) -> None:
+    """compute() keeps what ShardWriter.close() returns as one record per output (which only close() can know
+    whole); index() builds the manifest from the records, refuses a missing or wrong one, then removes them."""
+    from common.publish import COMPLETE, publish_json
+    from sharding.shards import MANIFEST, Manifest
+    from training.config import TeacherLogitsConfig
+    from training.teacher_logits import index
+
+    assert sorted(p.name for p in topk_cache.cache.glob("*.json")) == [MANIFEST]  # the stage removed its records
+    made = Manifest.load(topk_cache.cache)
+    out = Path(shutil.copytree(topk_cache.cache, tmp_path / "cache"))
+    (out / COMPLETE).unlink()
+    (out / MANIFEST).unlink()
+    records = {info.path.removesuffix(".arrow") + ".json": asdict(info) for info in made.shards}
+    for name, record in records.items():  # what the compute elements left before the index
+        publish_json(out / name, record)
+    cfg, first = TeacherLogitsConfig(k=topk_cache.k, tasks=2), sorted(records)[0]
+    (out / first).unlink()
+    with pytest.raises(RuntimeError, match=rf"^{first} is missing: the array element writing .* did not finish"):
+        index(cfg, teacher_model, topk_cache.tokens, out)
+    publish_json(out / first, {**records[first], "bytes": records[first]["bytes"] + 1})
+    with pytest.raises(RuntimeError, match=rf"^{first} does not describe .* on disk"):
+        index(cfg, teacher_model, topk_cache.tokens, out)
+    publish_json(out / first, records[first])
+    assert index(cfg, teacher_model, topk_cache.tokens, out) == {"shards": len(records) // 2}
+    assert Manifest.load(out) == made and (out / COMPLETE).read_bytes() == (topk_cache.cache / COMPLETE).read_bytes()
+    assert sorted(p.name for p in out.glob("*.json")) == [MANIFEST]
+
+
+def _fingerprint_on_two_ranks(rank: int, port: int, model: Path, empty: Path, answers: Path) -> None:
+    import torch.distributed as dist
+
+    from training import engine
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=timedelta(seconds=30))
+    try:
+        if rank == 1:  # rank 0 reads the weights; the others only receive its answer
+            engine.weights_fingerprint = lambda path: pytest.fail("rank 1 read the weights")
+        fingerprint = engine.shared_weights_fingerprint(model)
+        with pytest.raises(ValueError, match="has no weight files"):  # on every rank: none waits for good
+            engine.shared_weights_fingerprint(empty)
+        (answers / f"rank{rank}").write_text(fingerprint)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.timeout(120)
+def test_the_teachers_weights_are_read_by_rank_0_alone(teacher_model: Path, tmp_path: Path) -> None:
+    import torch.multiprocessing as mp
+
+    from training.engine import weights_fingerprint
+
+    (tmp_path / "empty").mkdir()
+    mp.spawn(_fingerprint_on_two_ranks, args=(free_port(), teacher_model, tmp_path / "empty", tmp_path), nprocs=2)
+    assert {(tmp_path / f"rank{r}").read_text() for r in (0, 1)} == {weights_fingerprint(teacher_model)}
 
 
 @pytest.mark.slurm

@@ -209,34 +209,56 @@ def test_requeue_signal_during_start_up_leaves_once_set_up_and_the_stage_complet
     assert records(run.path, "cpt", "train")[-1]["step"] == 10
 
 
-def test_sigkill_during_a_checkpoint_write_resumes_from_the_previous_one(tmp_path: Path, shards: Path,
-                                                                       base_model: Path) -> None:
+def _kill_rank_while_it_writes(checkpoints: Path, rank: int, pid: int, steps: range) -> int:
+    """SIGKILL `pid` once DeepSpeed has started writing rank `rank`'s file of a checkpoint and before that rank has
+    listed its files (its part of the save unfinished); returns the step whose save it broke. The rank is
+    stopped first so that the check and the kill see the same moment; a save it got past is let go on."""
+    for step in steps:
+        tmp = checkpoints / f"step-{step:010d}.tmp"
+        deadline = time.monotonic() + 300
+        while not list(tmp.glob(f"*rank_{rank}_*")):
+            assert time.monotonic() < deadline, f"no checkpoint write of rank {rank} at step {step} seen"
+            time.sleep(0.0005)
+        os.kill(pid, signal.SIGSTOP)
+        if tmp.is_dir() and not (tmp / f".files-rank{rank:05d}.json").exists():
+            os.kill(pid, signal.SIGKILL)
+            return step
+        os.kill(pid, signal.SIGCONT)
+    raise AssertionError(f"rank {rank} finished every save of {steps} before it could be stopped")
+
+
+def test_a_rank_killed_mid_checkpoint_and_a_flipped_bit_resume_from_the_last_intact_one(
+        tmp_path: Path, shards: Path, base_model: Path) -> None:
     config = train_config(tmp_path, "cpt", shards, base_model)
     overrides = [*FAST, "cpt.steps=30", "cpt.checkpoint.every_steps=5"]
     assert main(["submit", str(config), *overrides]) == 0
     run = RunDir(run_dir(tmp_path, "cpt"))
     job, checkpoints = job_of(run), run.path / "cpt" / "checkpoints"
-    (rank0,) = wait_for("rank 0's process", lambda: task_pids(job, SLURM_PROCID="0"), timeout=120)
-    deadline = time.monotonic() + 300
-    while not (checkpoints / "step-0000000010.tmp").exists():  # the save of step 10 has begun
-        assert time.monotonic() < deadline, "no checkpoint write of step 10 seen"
-        time.sleep(0.001)
-    os.kill(rank0, signal.SIGKILL)
-    assert (checkpoints / "step-0000000005" / "COMPLETE").exists()
+    (rank1,) = wait_for("rank 1's process", lambda: task_pids(job, SLURM_PROCID="1"), timeout=120)
+    broken = _kill_rank_while_it_writes(checkpoints, 1, rank1, range(15, 30, 5))
     killed = time.monotonic()
     entry = wait_finished(run, "cpt", timeout=120)
     ended_after = time.monotonic() - killed
     assert entry["status"] == "failed", entry
-    assert not (checkpoints / "step-0000000010").exists(), "the kill landed before the save was renamed complete"
+    assert not (checkpoints / f"step-{broken:010d}").exists(), "a save a rank never finished was published"
+    assert ended_after < 60, "rank 0 did not hang waiting for the killed rank"
+    previous, intact = f"step-{broken - 5:010d}", broken - 10
+    victim = max((checkpoints / previous).rglob("*.pt"), key=lambda p: p.stat().st_size)
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 3] ^= 0x01  # one bit, same size: only the content hash can tell
+    victim.write_bytes(bytes(data))
     assert main(["submit", str(config), *overrides]) == 0  # the same command again: the failed stage resumes
     entry = wait_finished(run, "cpt", timeout=300)
     assert entry["status"] == "completed", entry
     logs = "".join(p.read_text() for p in log_files(run, "cpt", 0))
-    assert "resumed from step-0000000005 at step 5" in logs
-    found = report(f"SIGKILL mid-checkpoint (job ended {ended_after:.1f} s after the kill)", run.path)
-    assert [f["resumed_from"] for f in found] == [5]
-    assert ended_after < 60, "the surviving rank did not hang"
+    assert f"resumed from step-{intact:010d} at step {intact}" in logs
+    assert f"checkpoint {previous} is damaged ({victim.name}: content hash" in logs
+    assert (checkpoints / f"{previous}.bad" / victim.name).read_bytes() == bytes(data), "kept as it was found"
+    found = report(f"rank 1 SIGKILLed mid-checkpoint (job ended {ended_after:.1f} s after the kill), then a bit "
+                   "flip", run.path)
+    assert [f["resumed_from"] for f in found] == [intact]
     assert records(run.path, "cpt", "train")[-1]["step"] == 30
+    assert refresh(run)["stages"]["cpt"]["set_aside"][0]["checkpoint"] == f"{previous}.bad"
 
 
 def _kill_node(node: str, job: str) -> None:

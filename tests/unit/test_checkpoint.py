@@ -18,19 +18,21 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from common.checksum import xxh3_bytes
 from common.publish import temp_path
 from tests.conftest import free_port
 from training.checkpoint import (
     COMPLETE,
     LATEST,
+    SET_ASIDE,
     Checkpointer,
+    CheckpointUnreadable,
     CheckpointWarning,
-    TrainState,
-    capture_rng,
-    restore_rng,
-    rng_file,
+    set_aside_checkpoints,
     step_dir_name,
 )
+from training.rng import capture_rng, restore_rng, rng_file
+from training.train_state import TrainState
 
 
 def _files(payload: bytes) -> Callable[[Path], None]:
@@ -69,7 +71,11 @@ def test_save_publishes_a_complete_checkpoint(tmp_path: Path) -> None:
     assert path == tmp_path / "ckpt" / "step-0000000010" and path.is_dir()
     info = json.loads((path / COMPLETE).read_text())
     assert info["step"] == 10 and info["metric"] == 2.5
-    assert info["files"] == {"client.json": len('{"payload": "abc"}'), "model.bin": 3, "optim/rank0.bin": 6}
+    client = b'{"payload": "abc"}'
+    assert info["version"] == 2 and info["files"] == {
+        "client.json": {"bytes": len(client), "xxh3": xxh3_bytes(client), "rank": 0},
+        "model.bin": {"bytes": 3, "xxh3": xxh3_bytes(b"abc"), "rank": 0},
+        "optim/rank0.bin": {"bytes": 6, "xxh3": xxh3_bytes(b"abcabc"), "rank": 0}}
     assert (tmp_path / "ckpt" / LATEST).read_text().strip() == "step-0000000010"
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [LATEST, "step-0000000010"]
     assert ckpt.verify(path) == []
@@ -95,22 +101,28 @@ def _break(path: Path, how: str) -> None:
 
 
 @pytest.mark.parametrize(("how", "expected"), [
-    ("no COMPLETE", "checkpoint step-0000000030 is incomplete (no COMPLETE), using step-0000000020"),
-    ("missing file", "checkpoint step-0000000030 is invalid (missing file optim/rank0.bin), using step-0000000020"),
-    ("wrong size", "checkpoint step-0000000030 is invalid (model.bin has 1 bytes, COMPLETE lists 3), using "
-                   "step-0000000020"),
-    ("corrupt COMPLETE", "checkpoint step-0000000030 is invalid (COMPLETE is unreadable: "),
-    ("COMPLETE of another step", "checkpoint step-0000000030 is invalid (COMPLETE is for step 29, not 30)"),
+    ("no COMPLETE", "checkpoint step-0000000030 is damaged (no COMPLETE); set aside as step-0000000030.bad"),
+    ("missing file", "checkpoint step-0000000030 is damaged (missing file optim/rank0.bin); set aside as "),
+    ("wrong size", "checkpoint step-0000000030 is damaged (model.bin has 1 bytes, COMPLETE lists 3); set aside "),
+    ("corrupt COMPLETE", "checkpoint step-0000000030 is damaged (COMPLETE is unreadable: "),
+    ("COMPLETE of another step", "checkpoint step-0000000030 is damaged (COMPLETE is for step 29, not 30)"),
 ])
-def test_a_damaged_newest_checkpoint_falls_back_with_a_warning(tmp_path: Path, how: str, expected: str) -> None:
+def test_a_damaged_newest_checkpoint_is_set_aside_and_the_previous_one_used(tmp_path: Path, how: str,
+                                                                            expected: str) -> None:
     ckpt = _ckpt(tmp_path)
     for step in (10, 20, 30):
         ckpt.save(step, _files(b"abc"))
     _break(tmp_path / step_dir_name(30), how)
+    problems = ckpt.verify(tmp_path / step_dir_name(30))  # what the --verify CLI will print
     found, warned = _latest(ckpt)
     assert found == tmp_path / step_dir_name(20)
     assert len(warned) == 1 and warned[0].startswith(expected)
-    assert ckpt.verify(tmp_path / step_dir_name(30))  # what the --verify CLI will print
+    bad = tmp_path / "step-0000000030.bad"
+    assert json.loads((bad / SET_ASIDE).read_text())["problems"] == problems and problems
+    assert set_aside_checkpoints(tmp_path) == [(bad.name, problems)]
+    ckpt.save(40, _files(b"abc"))
+    ckpt.save(50, _files(b"abc"))
+    assert bad.is_dir(), "pruning never deletes a checkpoint set aside"
 
 
 def test_an_unpublished_tmp_is_ignored_and_latest_is_not_trusted(tmp_path: Path) -> None:
@@ -126,8 +138,8 @@ def test_all_checkpoints_damaged(tmp_path: Path) -> None:
     ckpt.save(10, _files(b"abc"))
     _break(tmp_path / step_dir_name(10), "no COMPLETE")
     found, warned = _latest(ckpt)
-    assert found is None and warned == ["checkpoint step-0000000010 is incomplete (no COMPLETE), "
-                                        "no valid checkpoint left"]
+    assert found is None and warned == ["checkpoint step-0000000010 is damaged (no COMPLETE); set aside as "
+                                        "step-0000000010.bad, using an older one"]
 
 
 def test_keep_last_plus_the_best(tmp_path: Path) -> None:
@@ -148,12 +160,13 @@ def test_prune_removes_garbage_older_than_the_newest_checkpoint_only(tmp_path: P
     ckpt = _ckpt(tmp_path, keep_last=1)
     ckpt.save(10, _files(b"abc"))
     (tmp_path / "step-0000000005.tmp").mkdir()  # killed mid-save long ago
-    (tmp_path / "step-0000000007").mkdir()  # damaged (no COMPLETE), older than a valid one
+    (tmp_path / "step-0000000007").mkdir()  # damaged (no COMPLETE), older than a valid one: set aside, kept
     (tmp_path / "step-0000000099.tmp").mkdir()  # newer than anything complete: not ours to judge
     (tmp_path / ".LATEST.tmp.node-b.123").write_text("x")  # publish_bytes killed before its rename (another node)
     temp_path(tmp_path / LATEST).write_text("x")  # ... and on this one
     ckpt.save(20, _files(b"abc"))
-    assert sorted(p.name for p in tmp_path.iterdir()) == [LATEST, "step-0000000020", "step-0000000099.tmp"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [LATEST, "step-0000000007.bad", "step-0000000020",
+                                                          "step-0000000099.tmp"]
 
 
 def test_saving_a_valid_step_again_keeps_it(tmp_path: Path) -> None:
@@ -174,7 +187,7 @@ def test_saving_a_damaged_step_again_replaces_it(tmp_path: Path) -> None:
     path = ckpt.save(10, _files(b"defg"))
     assert (path / "model.bin").read_bytes() == b"defg" and ckpt.verify(path) == []
     assert "stale.bin" not in json.loads((path / COMPLETE).read_text())["files"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == [LATEST, "step-0000000010"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [LATEST, "step-0000000010", "step-0000000010.bad"]
 
 
 def _save_until_killed(root: Path, step: int, kill_at: int) -> None:
@@ -220,7 +233,8 @@ def test_sigkill_at_every_point_of_a_save_leaves_a_valid_checkpoint(tmp_path: Pa
         assert all("model.bin has 1 bytes" in w for w in warned), f"killed at {kill_at}: {warned}"  # old damage
         assert (found / "model.bin").read_bytes() in (b"old", b"new")
         ckpt.save(30, _files(b"after"))  # the resumed run's next save cleans up whatever the kill left
-        assert sorted(p.name for p in root.iterdir()) == [LATEST, "step-0000000030"], f"killed at {kill_at}"
+        left = sorted(p.name for p in root.iterdir() if not p.name.startswith("step-0000000010.bad"))
+        assert left == [LATEST, "step-0000000030"], f"killed at {kill_at}"
         if child.exitcode == 0:  # the save ran to its end before reaching the kill point: all covered
             assert kill_at > 5
             return
@@ -234,12 +248,29 @@ def _two_rank_save(rank: int, port: int, root: Path) -> None:
     try:
         ckpt = Checkpointer(root, keep_last=2, rank=rank, world=2, barrier=dist.barrier)
 
-        def write(folder: Path) -> None:
+        def write(folder: Path) -> list[Path]:
             (folder / f"shard-rank{rank}.bin").write_bytes(bytes([rank]) * (10 + rank))
             rng_file(folder, rank).write_text(json.dumps(capture_rng()))
+            if rank == 1:  # written, but not returned: rank 0 hashes what nobody claims
+                (folder / "unclaimed.bin").write_bytes(b"u")
+            return [folder / f"shard-rank{rank}.bin", rng_file(folder, rank)]
 
         path = ckpt.save(7, write, metric=1.0)
-        assert ckpt.latest_valid() == path
+        ckpt.save(8, write, metric=1.0)
+        assert ckpt.choose() == path.with_name(step_dir_name(8))
+        dist.barrier()
+        if rank == 0:  # a same-size flip in rank 1's own file: only rank 1 re-hashes it
+            data = bytearray((root / step_dir_name(8) / "shard-rank1.bin").read_bytes())
+            data[3] ^= 0x10
+            (root / step_dir_name(8) / "shard-rank1.bin").write_bytes(bytes(data))
+        dist.barrier()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert ckpt.choose() == path  # both ranks agree on the previous one
+        if rank == 0:
+            (message,) = [str(w.message) for w in caught if issubclass(w.category, CheckpointWarning)]
+            assert "shard-rank1.bin: content hash" in message and "(rank 1 checked it)" in message
+            assert (root / "step-0000000008.bad" / "shard-rank1.bin").exists()
     finally:
         dist.destroy_process_group()
 
@@ -248,8 +279,11 @@ def _two_rank_save(rank: int, port: int, root: Path) -> None:
 def test_two_ranks_save_one_checkpoint(tmp_path: Path) -> None:
     mp.spawn(_two_rank_save, args=(free_port(), tmp_path), nprocs=2, join=True)
     info = json.loads((tmp_path / step_dir_name(7) / COMPLETE).read_text())
-    assert info["files"].keys() == {"shard-rank0.bin", "shard-rank1.bin", "rng-rank00000.json", "rng-rank00001.json"}
-    assert info["files"]["shard-rank1.bin"] == 11 and info["world_size"] == 2
+    assert info["files"].keys() == {"shard-rank0.bin", "shard-rank1.bin", "rng-rank00000.json", "rng-rank00001.json",
+                                    "unclaimed.bin"}
+    assert info["files"]["shard-rank1.bin"] == {"bytes": 11, "xxh3": xxh3_bytes(b"\x01" * 11), "rank": 1}
+    assert info["files"]["rng-rank00001.json"]["rank"] == 1 and info["files"]["unclaimed.bin"]["rank"] == 0
+    assert info["world_size"] == 2 and not list((tmp_path / step_dir_name(7)).glob(".files-rank*"))
 
 
 def test_train_state_round_trip_and_compatibility() -> None:
@@ -315,3 +349,80 @@ def test_rng_round_trip_is_bitwise() -> None:
     assert first[1].tobytes() == again[1].tobytes() and torch.equal(first[2], again[2])
     with pytest.raises(ValueError, match="RNG state version"):
         restore_rng({**state, "version": 9})
+
+
+def _choose(ckpt: Checkpointer) -> tuple[Path | None, list[str]]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        found = ckpt.choose()
+    return found, [str(w.message) for w in caught if issubclass(w.category, CheckpointWarning)]
+
+
+@pytest.mark.parametrize("damage", ["bit flip", "zeroed block"])
+def test_same_size_damage_is_caught_by_the_content_hash_and_set_aside(tmp_path: Path, damage: str) -> None:
+    ckpt = _ckpt(tmp_path)
+    for step in (10, 20):
+        ckpt.save(step, _files(b"0123456789" * 900))
+    target = tmp_path / step_dir_name(20) / "optim" / "rank0.bin"
+    data = bytearray(target.read_bytes())
+    if damage == "bit flip":
+        data[4321] ^= 0x04
+    else:
+        data[4096:8192] = bytes(4096)
+    target.write_bytes(bytes(data))
+    assert ckpt.verify(tmp_path / step_dir_name(20)) == [], "the sizes alone cannot see it"
+    found, warned = _choose(ckpt)
+    assert found == tmp_path / step_dir_name(10)
+    assert len(warned) == 1 and "optim/rank0.bin: content hash" in warned[0] and "step-0000000020.bad" in warned[0]
+    assert (tmp_path / "step-0000000020.bad" / "optim" / "rank0.bin").read_bytes() == bytes(data)  # kept as found
+
+
+def test_a_checkpoint_of_complete_version_1_is_checked_by_sizes_with_a_warning(tmp_path: Path) -> None:
+    ckpt = _ckpt(tmp_path)
+    path = ckpt.save(10, _files(b"abc"))
+    info = json.loads((path / COMPLETE).read_text())
+    (path / COMPLETE).write_text(json.dumps({**info, "version": 1,
+                                             "files": {k: v["bytes"] for k, v in info["files"].items()}}))
+    found, warned = _choose(ckpt)
+    assert found == path and warned == ["checkpoint step-0000000010 predates content hashes: only its file sizes "
+                                        "were checked"]
+
+
+def test_an_io_error_prunes_nothing_and_chooses_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ckpt = _ckpt(tmp_path, keep_last=1)
+    ckpt.save(10, _files(b"abc"), metric=1.0)  # the best
+    ckpt.save(20, _files(b"abc"), metric=2.0)
+    real_stat = Path.stat
+
+    def flaky_stat(self: Path, *args: Any, **kwargs: Any) -> os.stat_result:  # the filesystem, not our code
+        if self.name == "model.bin" and self.parent.name == step_dir_name(10):
+            raise OSError(5, "Input/output error")
+        return real_stat(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "stat", flaky_stat)
+    with pytest.warns(CheckpointWarning, match="not pruning .* cannot examine .*model.bin: Input/output error"):
+        ckpt.save(30, _files(b"abc"), metric=3.0)
+    assert sorted(p.name for p in tmp_path.glob("step-*")) == [step_dir_name(s) for s in (10, 20, 30)]
+    ckpt.save(30, _files(b"abc"))  # saved again (valid: kept), and pruning is still refused
+    monkeypatch.setattr(Path, "stat", real_stat)
+    ckpt.prune()
+    assert sorted(p.name for p in tmp_path.glob("step-*")) == [step_dir_name(s) for s in (10, 30)], "the best stays"
+    monkeypatch.setattr(Path, "stat", flaky_stat)
+    (tmp_path / step_dir_name(30) / COMPLETE).unlink()  # damaged: the next one down cannot be examined
+    with pytest.raises(CheckpointUnreadable, match="nothing was set aside"):
+        ckpt.choose()
+    assert (tmp_path / step_dir_name(10)).is_dir()
+
+
+def test_a_universal_conversion_goes_with_its_checkpoint(tmp_path: Path) -> None:
+    universal = tmp_path / "universal"
+    ckpt = Checkpointer(tmp_path / "ckpt", keep_last=1, rank=0, world=1, barrier=lambda: None, derived=[universal])
+    ckpt.save(10, _files(b"abc"))
+    (universal / step_dir_name(10)).mkdir(parents=True)
+    (universal / step_dir_name(10) / COMPLETE).write_text("ok")
+    (universal / "step-0000000003").mkdir()  # converted from a checkpoint that is long gone
+    ckpt.save(20, _files(b"abc"))
+    assert list(universal.iterdir()) == []
+    (universal / step_dir_name(20)).mkdir()
+    ckpt.set_aside(tmp_path / "ckpt" / step_dir_name(20), ["test"])
+    assert list(universal.iterdir()) == [], "a conversion of a bad checkpoint is bad too"

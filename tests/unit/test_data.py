@@ -9,6 +9,7 @@ import pytest
 
 from sharding.shards import Manifest, ShardReader, ShardWriter
 from sharding.tokenize import tokenizer_fingerprint
+from tests.unit.test_shards import batch_ranges
 from training.config import DataConfig
 from training.data import DataError, EvalSet, MixedStream, OpenedSource, check_compatible, open_sources
 
@@ -203,12 +204,17 @@ def test_load_state_refuses_another_stream(folders: list[Path], tmp_path: Path) 
 def test_corrupt_and_truncated_shards_are_refused(folders: list[Path]) -> None:
     shard = folders[0] / "train-00001.arrow"
     data = bytearray(shard.read_bytes())
-    data[len(data) // 2] ^= 0x01
+    ((offset, length),) = batch_ranges(shard)
+    data[offset + length // 2] ^= 0x01
     shard.write_bytes(bytes(data))
-    OpenedSource(folders[0])  # the quick check only compares sizes
+    source = OpenedSource(folders[0])  # the check at the start only compares sizes...
+    assert int(source.get(0)[0]) == 0
+    with pytest.raises(DataError, match=rf"^{shard} record batch 0 of 1 is damaged .*stillroom inspect --verify"):
+        source.get(64)  # ...and every batch read is checked: train-00001's first row
     with pytest.raises(DataError) as info:
         OpenedSource(folders[0], verify_hashes=True)
     assert str(folders[0]) in str(info.value) and "train-00001.arrow: sha256 differs" in str(info.value)
+    assert "damaged record batches: 0 of 1" in str(info.value)
     shard.write_bytes(bytes(data[:-10]))
     with pytest.raises(DataError, match=r"1 bad shard\(s\): train-00001.arrow: \d+ bytes, manifest says"):
         OpenedSource(folders[0])

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from common import publish
+from common.checksum import xxh3_bytes
 from common.publish import (
     COMPLETE,
     fsync_tree,
@@ -140,6 +142,37 @@ def test_a_published_folder_gets_its_marker_last(tmp_path: Path, monkeypatch: py
     assert marker < folder  # the marker is inside before the folder gets its name
     assert sorted(events[folder][3:]) == [COMPLETE, "sub", "sub/tokenizer.json", "weights.bin"]
     assert any(e == ("fsync", str(tmp_path)) for e in events[folder:])  # and the rename itself is made durable
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc to name fsynced descriptors")
+def test_a_listing_marker_names_every_file_with_its_size_and_xxh3_hashed_after_the_fsync(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "export"
+    events: list[tuple[str, ...]] = []
+    _record_os_calls(monkeypatch, events)
+    real_xxh3 = publish.xxh3_file
+
+    def xxh3_file(path: Path) -> str:
+        events.append(("xxh3", str(path)))
+        return real_xxh3(path)
+
+    monkeypatch.setattr(publish, "xxh3_file", xxh3_file)
+    with publishing_dir(out, marker_data={"source": "step-7"}, listing=True) as tmp:
+        (tmp / "sub").mkdir()
+        (tmp / "weights.bin").write_bytes(b"w" * 100)
+        (tmp / "sub" / "tokenizer.json").write_bytes(b"{}")
+    monkeypatch.undo()
+    assert json.loads((out / COMPLETE).read_text()) == {"version": 1, "source": "step-7", "files": {
+        "sub/tokenizer.json": {"bytes": 2, "xxh3": xxh3_bytes(b"{}")},
+        "weights.bin": {"bytes": 100, "xxh3": xxh3_bytes(b"w" * 100)}}}
+    order = [(e[0], Path(e[1]).name) for e in events if e[0] in ("fsync", "xxh3")]
+    for name in ("weights.bin", "tokenizer.json"):  # hashed what is on disk, not what a cache still held
+        assert order.index(("fsync", name)) < order.index(("xxh3", name))
+    marker = next(i for i, e in enumerate(events) if e[0] == "replace" and Path(e[2]).name == COMPLETE)
+    assert all(i < marker for i, e in enumerate(events) if e[0] == "xxh3")
+    with pytest.raises(ValueError, match=r"listing=True\) needs a marker"), \
+            publishing_dir(tmp_path / "bytes", marker_data=b"ok", listing=True):
+        pass
 
 
 def test_the_marker_holds_the_data_given(tmp_path: Path) -> None:

@@ -1,12 +1,24 @@
 from __future__ import annotations
 
+import hashlib
+import json
+import re
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
+from tokenizers import Tokenizer
+from tokenizers.models import WordLevel
+from tokenizers.pre_tokenizers import Whitespace
 
-from sharding.shards import Manifest, ShardInfo, ShardReader, ShardWriter, sha256_file, token_dtype
+from sharding.config import ShardConfig
+from sharding.dedup import DedupIndex
+from sharding.packing import pack_and_write
+from sharding.shards import Manifest, ManifestError, ShardInfo, ShardReader, ShardWriter, sha256_file, token_dtype
 from sharding.tokenize import Packer, TokenizerError, load_tokenizer, train_bpe_tokenizer
+from training.data import DataError, OpenedSource
 
 TEXT = ["The licensee may copy and distribute the Program.", "Permission is hereby granted, free of charge.",
         "THE SOFTWARE IS PROVIDED AS IS, WITHOUT WARRANTY OF ANY KIND."] * 20
@@ -56,6 +68,8 @@ def test_packer_cuts_exact_rows_with_eos_between_documents() -> None:
 
 def test_token_dtype() -> None:
     assert token_dtype(65536) == np.uint16 and token_dtype(65537) == np.uint32
+    with pytest.raises(ValueError, match="do not fit uint32"):
+        token_dtype((1 << 32) + 1)
 
 
 def test_tokenizer_loading_errors_are_one_line(tmp_path: Path) -> None:
@@ -70,3 +84,153 @@ def test_tokenizer_loading_errors_are_one_line(tmp_path: Path) -> None:
     assert info.eos_id == tokenizer.token_to_id("<|endoftext|>") and len(info.sha256) == 64
     with pytest.raises(TokenizerError, match="no end-of-document token"):
         load_tokenizer(str(path), eos_token="</s>")
+
+
+def batch_ranges(path: Path) -> list[tuple[int, int]]:
+    """(offset, length) of each record batch's IPC message, found by parsing the file (not from the manifest)."""
+    data = pa.memory_map(str(path)).read_buffer()
+    stream = pa.BufferReader(data)
+    stream.seek(8)  # "ARROW1" and 2 bytes of padding
+    pa.ipc.read_message(stream)  # the schema
+    ranges = []
+    for _ in range(pa.ipc.open_file(data).num_record_batches):
+        start = stream.tell()
+        assert pa.ipc.read_message(stream).type == "record batch"
+        ranges.append((start, stream.tell() - start))
+    return ranges
+
+
+def wide_shard(folder: Path, rows: int = 4096, seq_len: int = 256) -> np.ndarray:
+    """A shard folder of one uint32 train shard of 4 record batches, ids drawn from [0, 200000)."""
+    folder.mkdir()
+    tokens = np.random.default_rng(1).integers(0, 200_000, (rows, seq_len))
+    writer = ShardWriter(folder / "train-00000.arrow", seq_len, np.dtype(np.uint32), "train")
+    writer.write(tokens)
+    Manifest(seq_len=seq_len, dtype="uint32", tokenizer_sha256="t", tokenizer_path="p", eos_id=0,
+             config_sha256="c", shards=(writer.close(),)).save(folder)
+    return tokens
+
+
+def test_batch_table_names_exactly_each_batch_message(tmp_path: Path) -> None:
+    tokens = wide_shard(tmp_path / "s")
+    path = tmp_path / "s" / "train-00000.arrow"
+    (info,) = Manifest.load(tmp_path / "s").shards
+    table = info.batch_table()
+    assert table is not None and len(info.batches) < 200  # 20 bytes per batch, base64
+    assert [(int(e["offset"]), int(e["length"])) for e in table] == batch_ranges(path) and len(table) == 4
+    data = pa.memory_map(str(path)).read_buffer()
+    footer = pa.ipc.open_file(data)
+    for i, entry in enumerate(table):
+        message = pa.ipc.read_message(data.slice(int(entry["offset"]), int(entry["length"])))
+        assert pa.ipc.read_record_batch(message, footer.schema).equals(footer.get_batch(i))
+    assert np.array_equal(np.stack(list(ShardReader(path, table))), tokens)
+
+
+def test_forty_bit_flips_in_batch_bytes_are_each_refused_naming_the_shard(tmp_path: Path) -> None:
+    tokens = wide_shard(tmp_path / "s")
+    path = tmp_path / "s" / "train-00000.arrow"
+    ranges, rng = batch_ranges(path), np.random.default_rng(16)
+    for _ in range(40):
+        b = int(rng.integers(len(ranges)))
+        position, bit = ranges[b][0] + int(rng.integers(ranges[b][1])), int(rng.integers(8))
+        with path.open("r+b") as f:
+            f.seek(position)
+            byte = f.read(1)[0]
+            f.seek(position)
+            f.write(bytes([byte ^ (1 << bit)]))
+        source = OpenedSource(tmp_path / "s")  # sizes match: only the batch's checksum can tell
+        with pytest.raises(DataError) as info:
+            source.get(b * 1024 + 5)
+        assert str(info.value).startswith(f"{path} record batch {b} of 4 is damaged"), (position, bit)
+        assert f"run `stillroom inspect --verify {tmp_path / 's'}`" in str(info.value)
+        assert "\n" not in str(info.value)
+        source.close()
+        with path.open("r+b") as f:
+            f.seek(position)
+            f.write(bytes([byte]))
+    source = OpenedSource(tmp_path / "s")
+    assert np.array_equal(np.stack([source.get(i) for i in range(0, 4096, 97)]), tokens[::97])
+
+
+def test_format_1_manifests_load_with_one_warning_and_keep_their_identity(tmp_path: Path) -> None:
+    rows = np.arange(800).reshape(100, 8)
+    writer = ShardWriter(tmp_path / "train-00000.arrow", 8, np.dtype(np.uint16), "train")
+    writer.write(rows)
+    shard = {k: v for k, v in asdict(writer.close()).items() if k != "batches"}
+    old = {"seq_len": 8, "dtype": "uint16", "tokenizer_sha256": "t", "tokenizer_path": "p", "eos_id": 0,
+           "config_sha256": "c", "shards": [shard], "extra": {}, "format_version": 1}
+    (tmp_path / "manifest.json").write_text(json.dumps(old))
+    with pytest.warns(UserWarning, match="shard format 1 has no per-batch checksums; only shard sizes can be "
+                                         "checked for this folder") as caught:
+        manifest = Manifest.load(tmp_path)
+    assert len(caught) == 1 and manifest.format_version == 1
+    assert manifest.sha256() == hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()
+    with pytest.warns(UserWarning):
+        source = OpenedSource(tmp_path)
+    assert np.array_equal(np.stack([source.get(i) for i in range(100)]), rows)
+
+
+@pytest.mark.parametrize("name", ["../x.arrow", "/tmp/x.arrow", "sub/../../x.arrow", "link.arrow"])
+def test_manifest_paths_must_stay_inside_their_folder(tmp_path: Path, name: str) -> None:
+    folder, outside = tmp_path / "shards", tmp_path / "x.arrow"
+    folder.mkdir()
+    writer = ShardWriter(outside, 8, np.dtype(np.uint16), "train")
+    writer.write(np.zeros((4, 8), np.int64))
+    info = replace(writer.close(), path=name)
+    (folder / "link.arrow").symlink_to(outside)
+    Manifest(seq_len=8, dtype="uint16", tokenizer_sha256="t", tokenizer_path="p", eos_id=0, config_sha256="c",
+             shards=(info,)).save(folder)
+    with pytest.raises(ManifestError, match=rf"manifest.json: file path '{re.escape(name)}' is not inside the folder"):
+        Manifest.load(folder)
+
+
+def test_sparse_ids_above_65535_get_uint32_shards_and_round_trip(tmp_path: Path) -> None:
+    vocab = {"[UNK]": 0, "<|endoftext|>": 1, "a": 2, "rare": 70000}  # 4 entries, highest id 70000
+    tokenizer = Tokenizer(WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = Whitespace()
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    tokenizer, info = load_tokenizer(str(tmp_path))
+    docs = ["a rare a", "rare rare a rare", "a a a rare a"] * 10
+    ids = [np.array(e.ids, np.uint32) for e in tokenizer.encode_batch(docs)]
+    assert info.vocab_size == 4 and ids[0].tolist() == [2, 70000, 2]
+    work = tmp_path / "work.tokens.arrow"
+    offsets = np.cumsum([0] + [len(i) for i in ids])
+    with pa.ipc.new_file(str(work), pa.schema([("record", pa.int64()), ("tokens", pa.large_list(pa.uint32()))])) as w:
+        w.write_batch(pa.record_batch({"record": pa.array(range(len(ids)), pa.int64()), "tokens": pa.LargeListArray
+                                       .from_arrays(pa.array(offsets, pa.int64()), pa.array(np.concatenate(ids)))}))
+    n = len(ids)
+    current = DedupIndex(np.zeros(n, "V16"), np.zeros((n, 1), np.uint32), np.zeros(n, np.int64),
+                         np.arange(n, dtype=np.int64), np.zeros(n, bool), {})
+    out = tmp_path / "out"
+    out.mkdir()
+    manifest, _ = pack_and_write(ShardConfig(seq_len=4), out, current, np.ones(n, bool), info, "h", [work])
+    assert manifest.dtype == "uint32"
+    stored = np.concatenate([ShardReader(out / s.path).batch(0).reshape(-1) for s in manifest.split_shards("train")])
+    expected = np.concatenate([np.append(i, info.eos_id) for i in ids])
+    assert stored.dtype == np.uint32 and np.array_equal(stored, expected[: len(stored)]) and stored.max() == 70000
+
+
+def test_ids_that_do_not_fit_the_shard_dtype_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="token id 70000 does not fit uint16"):
+        Packer(seq_len=4, eos_id=1, dtype=np.dtype(np.uint16)).add(np.array([2, 70000], np.uint32))
+    writer = ShardWriter(tmp_path / "train-00000.arrow", 4, np.dtype(np.uint16), "train")
+    with pytest.raises(ValueError, match=r"train-00000.arrow: token id 65536 does not fit uint16 \(0..65535\)"):
+        writer.write(np.array([[1, 2, 3, 65536]]))
+    with pytest.raises(ValueError, match="token id -1 does not fit uint16"):
+        writer.write(np.array([[1, 2, 3, -1]]))
+    writer.write(np.array([[1, 2, 3, 65535]]))
+    assert ShardReader(tmp_path / "train-00000.arrow", writer.close().batch_table()).row(0).tolist() == [1, 2, 3, 65535]
+
+
+def test_verify_names_the_damaged_batches_of_a_shard(tmp_path: Path) -> None:
+    wide_shard(tmp_path / "s")
+    path = tmp_path / "s" / "train-00000.arrow"
+    manifest, ranges, original = Manifest.load(tmp_path / "s"), batch_ranges(path), path.read_bytes()
+    intact = "its 4 record batches are intact: the damage is in its schema or footer"
+    for position, named in ((ranges[2][0] + 1000, "damaged record batches: 2 of 4"), (len(original) - 20, intact)):
+        data = bytearray(original)
+        data[position] ^= 0x10
+        path.write_bytes(bytes(data))
+        assert manifest.verify(tmp_path / "s", full=False) == []  # same size
+        assert manifest.verify(tmp_path / "s") == [f"train-00000.arrow: sha256 differs from the manifest (corrupt or "
+                                                   f"changed); {named}"]

@@ -43,3 +43,18 @@ def test_status_of_a_stage_without_progress_and_json_output(tmp_path: Path, caps
     assert "completed" in _render(run)
     assert main(["status", str(run.path), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["stages"]["probe"]["status"] == "completed"
+
+
+def test_status_warns_of_a_checkpoint_set_aside(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    from training.checkpoint import Checkpointer
+
+    run = RunDir.create(load_run_config(None, [f"run.root={tmp_path}", 'run.stages=["cpt"]']))
+    run.update_stage("cpt", status="running", executor="local", tasks=2)
+    checkpoints = Checkpointer(run.layout.checkpoints("cpt"), 2, 0, 1, lambda: None)
+    path = checkpoints.save(4, lambda folder: [(folder / "weights.pt").write_bytes(b"w") and folder / "weights.pt"])
+    checkpoints.set_aside(path, ["weights.pt: content hash 1 differs from COMPLETE's 2 (rank 0 checked it)"])
+    text = _render(run)
+    assert ("warning: cpt: checkpoint step-0000000004.bad was set aside as damaged (weights.pt: content hash 1 "
+            "differs") in text, text
+    assert main(["status", str(run.path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["stages"]["cpt"]["set_aside"][0]["checkpoint"] == "step-0000000004.bad"
