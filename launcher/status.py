@@ -11,7 +11,7 @@ from rich.table import Table
 
 from launcher.rundir import RunDir, now_iso
 from slurm.executor import TERMINAL_STATES, SubmissionError, cancel_confirmed, make_executor
-from training.checkpoint import set_aside_checkpoints
+from training.checkpoint_files import set_aside_checkpoints
 
 # How a scheduler's terminal state of an unfinished stage is recorded in state.json.
 _FINAL_STATUS = {"CANCELLED": "cancelled"}

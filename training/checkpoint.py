@@ -32,30 +32,29 @@ from typing import Any
 
 from common.checksum import xxh3_file
 from common.publish import fsync_path, publish_bytes, publish_json
+from training.checkpoint_files import (
+    COMPLETE,
+    COMPLETE_VERSION,
+    LATEST,
+    NO_COMPLETE,
+    RANK_LIST,
+    SET_ASIDE,
+    STEP_DIR,
+    TMP_DIR,
+    CheckpointUnreadable,
+    complete_entries,
+    hash_files,
+    read_complete,
+    set_aside_checkpoints,
+    stat_size,
+    step_dir_name,
+)
 
-COMPLETE = "COMPLETE"
-COMPLETE_VERSION = 2  # 1 listed sizes only; 2 lists {"bytes", "xxh3", "rank"} per file
-LATEST = "LATEST"
-SET_ASIDE = "SET_ASIDE.json"  # inside a `step-N.bad`: when and why it was set aside
-NO_COMPLETE = "no COMPLETE"
-_STEP_DIR = re.compile(r"step-(\d{10,})")
-# Unpublished or discarded directories: "step-N.tmp" being written, "step-N.<why>.tmp" moved aside to delete.
-_TMP_DIR = re.compile(r"step-(\d{10,})(?:\.[a-z]+)?\.tmp")
-_BAD_DIR = re.compile(r"step-(\d{10,})\.bad(?:\.\d+)?")
-_RANK_LIST = re.compile(r"\.files-rank(\d{5,})\.json")
-
+__all__ = ["COMPLETE", "LATEST", "SET_ASIDE", "Checkpointer", "CheckpointUnreadable", "CheckpointWarning",
+           "all_gather", "hash_files", "set_aside_checkpoints", "step_dir_name"]
 
 class CheckpointWarning(UserWarning):
     """A checkpoint was skipped, set aside or could not be pruned; the message names it and says why."""
-
-
-class CheckpointUnreadable(OSError):
-    """A checkpoint could not be examined (an I/O error other than a missing file): neither good nor bad is known,
-    so nothing is set aside or deleted because of it."""
-
-
-def step_dir_name(step: int) -> str:
-    return f"step-{step:010d}"
 
 
 def all_gather(value: Any) -> list[Any]:
@@ -81,22 +80,8 @@ def _or_error(compute: Callable[[], Any]) -> Any:
 
 def _raise_if_error(gathered: list[Any]) -> None:
     if errors := [g["error"] for g in gathered if isinstance(g, dict)]:
-        raise CheckpointUnreadable(f"cannot choose a checkpoint to resume from: {errors[0]} (nothing was "
+        raise CheckpointUnreadable(f"cannot check a checkpoint: {errors[0]} (nothing was "
                                    "set aside; rerun once the filesystem answers, or move that checkpoint away)")
-
-
-def set_aside_checkpoints(root: Path) -> list[tuple[str, list[str]]]:
-    """(name, problems) of every checkpoint set aside under `root`, newest first: what `stillroom status` reports."""
-    found = []
-    candidates = Path(root).glob("step-*.bad*") if Path(root).is_dir() else iter(())
-    for path in sorted(candidates, key=lambda p: p.name, reverse=True):
-        if not (path.is_dir() and _BAD_DIR.fullmatch(path.name)):
-            continue
-        try:
-            found.append((path.name, json.loads((path / SET_ASIDE).read_text()).get("problems", [])))
-        except (OSError, ValueError):  # set aside by a process killed before it wrote why
-            found.append((path.name, []))
-    return found
 
 
 def _move_aside(path: Path, why: str) -> Path:
@@ -106,49 +91,6 @@ def _move_aside(path: Path, why: str) -> Path:
         shutil.rmtree(target)
     os.rename(path, target)
     return target
-
-
-def _stat_size(path: Path) -> int | None:
-    """The file's size; None when it is not there; CheckpointUnreadable for any other error."""
-    try:
-        return path.stat().st_size
-    except FileNotFoundError:
-        return None
-    except OSError as e:
-        raise CheckpointUnreadable(f"cannot examine {path}: {e.strerror}") from e
-
-
-def hash_files(folder: Path, files: Iterable[Path | str]) -> dict[str, dict[str, Any]]:
-    """{path relative to folder: {"bytes", "xxh3"}} of `files`, each fsynced first (its data is durable)."""
-    listing = {}
-    for file in files:
-        path = folder / file
-        size = fsync_path(path)
-        listing[path.relative_to(folder).as_posix()] = {"bytes": size, "xxh3": xxh3_file(path)}
-    return listing
-
-
-def _entries(info: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """COMPLETE's file list as {rel: {"bytes", ["xxh3", "rank"]}}, for either version."""
-    files = info.get("files")
-    if not isinstance(files, dict):
-        raise ValueError("COMPLETE has no file list")
-    return {rel: entry if isinstance(entry, dict) else {"bytes": entry} for rel, entry in files.items()}
-
-
-def _read_complete(path: Path) -> dict[str, Any]:
-    """COMPLETE's contents: FileNotFoundError if absent, ValueError if unreadable, CheckpointUnreadable on I/O."""
-    try:
-        info = json.loads((path / COMPLETE).read_text())
-    except FileNotFoundError:
-        raise
-    except (UnicodeDecodeError, ValueError) as e:
-        raise ValueError(f"COMPLETE is unreadable: {e}") from None
-    except OSError as e:
-        raise CheckpointUnreadable(f"cannot read {path / COMPLETE}: {e.strerror}") from e
-    if not isinstance(info, dict):
-        raise ValueError("COMPLETE is not a JSON object")
-    return info
 
 
 class Checkpointer:
@@ -207,7 +149,7 @@ class Checkpointer:
             return
         files: dict[str, dict[str, Any]] = {}
         for listing in sorted(tmp.glob(".files-rank*.json")):
-            writer = int(_RANK_LIST.fullmatch(listing.name).group(1))  # type: ignore[union-attr]
+            writer = int(RANK_LIST.fullmatch(listing.name).group(1))  # type: ignore[union-attr]
             files |= {rel: {**entry, "rank": writer} for rel, entry in json.loads(listing.read_text()).items()}
             listing.unlink()
         # What no rank claimed (a file DeepSpeed writes outside its checkpoint engine) is hashed here.
@@ -233,21 +175,21 @@ class Checkpointer:
         if not path.is_dir():
             return ["not a directory"]
         try:
-            info = _read_complete(path)
-            entries = _entries(info)
+            info = read_complete(path)
+            entries = complete_entries(info)
         except FileNotFoundError:
             return [NO_COMPLETE]
         except ValueError as e:
             return [str(e)]
         problems = []
-        match = _STEP_DIR.fullmatch(path.name)
+        match = STEP_DIR.fullmatch(path.name)
         if match and info.get("step") != int(match.group(1)):
             problems.append(f"COMPLETE is for step {info.get('step')!r}, not {int(match.group(1))}")
         for rel, entry in entries.items():
             if Path(rel).is_absolute() or ".." in Path(rel).parts or not isinstance(entry.get("bytes"), int):
                 problems.append(f"COMPLETE has a bad entry {rel!r}: {entry!r}")
                 continue
-            actual = _stat_size(path / rel)
+            actual = stat_size(path / rel)
             if actual is None:
                 problems.append(f"missing file {rel}")
             elif actual != entry["bytes"]:
@@ -259,7 +201,7 @@ class Checkpointer:
         split otherwise); problems found, [] when every hash matches. A version-1 COMPLETE has no hashes: a
         warning says so and only sizes were checked."""
         try:
-            entries = _entries(_read_complete(path))
+            entries = complete_entries(read_complete(path))
         except (FileNotFoundError, ValueError) as e:
             return [str(e) or NO_COMPLETE]
         if not any("xxh3" in e for e in entries.values()):
@@ -295,7 +237,7 @@ class Checkpointer:
     def latest_valid(self) -> Path | None:
         """The newest checkpoint whose files have their listed sizes. Newer damaged ones are set aside (only rank
         0 may call this); CheckpointUnreadable propagates: a checkpoint that cannot be examined is not skipped."""
-        for _step, path in self._steps(_STEP_DIR):
+        for _step, path in self._steps(STEP_DIR):
             if not path.is_dir():
                 continue
             if not (problems := self.verify(path)):
@@ -307,18 +249,33 @@ class Checkpointer:
         """Every rank calls this on resume: the newest checkpoint whose content every rank has checked, or None.
 
         Rank 0 decides and the others follow, so a lagging shared filesystem cannot split the ranks."""
+        return self._agreed(self.latest_valid)
+
+    def best_checked(self) -> Path | None:
+        """Every rank calls this before exporting the best weights: `best()`, content-checked like `choose`."""
+        return self._agreed(self.best)
+
+    def _agreed(self, pick: Callable[[], Path | None]) -> Path | None:
+        """Rank 0's pick, once every rank has re-hashed its share of it; a damaged pick is set aside and rank 0
+        picks again."""
         while True:
-            candidate = all_gather(_or_error(self.latest_valid) if self.rank == 0 else None)[0]
+            candidate = all_gather(_or_error(pick) if self.rank == 0 else None)[0]
             _raise_if_error([candidate])
             if candidate is None:
                 return None
-            path = Path(candidate)
-            shares = all_gather(_or_error(lambda p=path: self.verify_content(p)))  # type: ignore[misc]
-            _raise_if_error(shares)
-            if not (problems := [p for share in shares for p in share]):
-                return path
-            if self.rank == 0:
-                self.set_aside(path, problems)
+            if self.intact(Path(candidate)):
+                return Path(candidate)
+
+    def intact(self, path: Path) -> bool:
+        """Every rank calls this: whether every rank's share of `path` has its listed hashes. If not, rank 0 sets
+        it aside, and all ranks return once it has (they may look for another checkpoint next)."""
+        shares = all_gather(_or_error(lambda: self.verify_content(path)))
+        _raise_if_error(shares)
+        problems = [p for share in shares for p in share]
+        if problems and self.rank == 0:
+            self.set_aside(path, problems)
+        self.barrier()
+        return not problems
 
     def set_aside(self, path: Path, problems: list[str], then: str = "using an older one") -> Path:
         """Rename a bad checkpoint to `step-N.bad` (kept, never deleted) with SET_ASIDE.json saying why."""
@@ -340,7 +297,7 @@ class Checkpointer:
     # ----------------------------------------------------------------------------------------------- prune
 
     def _metric(self, path: Path) -> float | None:
-        metric = _read_complete(path).get("metric")
+        metric = read_complete(path).get("metric")
         # NaN never compares lower, so it could never be "best"; treat it as no metric.
         return float(metric) if isinstance(metric, int | float) and not math.isnan(metric) else None
 
@@ -348,7 +305,7 @@ class Checkpointer:
         """Valid checkpoints (step, path) newest first, and the damaged ones older than the newest valid one."""
         valid: list[tuple[int, Path]] = []
         damaged: list[tuple[Path, list[str]]] = []
-        for step, path in self._steps(_STEP_DIR):
+        for step, path in self._steps(STEP_DIR):
             if not (problems := self.verify(path)):
                 valid.append((step, path))
             elif valid:  # older than a valid one: a leftover, not a save in progress
@@ -381,16 +338,16 @@ class Checkpointer:
             self.set_aside(path, problems)
         doomed = [path for _, path in valid if path not in keep]
         if valid:
-            doomed += [path for step, path in self._steps(_TMP_DIR) if step <= valid[0][0]]
+            doomed += [path for step, path in self._steps(TMP_DIR) if step <= valid[0][0]]
         doomed += list(self.root.glob(f".{LATEST}.tmp*"))  # publish_bytes' leftovers (.LATEST.tmp.<host>.<pid>)
         for path in doomed:
             self._delete(path)
-            if _STEP_DIR.fullmatch(path.name):
+            if STEP_DIR.fullmatch(path.name):
                 self._delete_derived(path.name)
-        existing = {path.name for _, path in self._steps(_STEP_DIR)}
+        existing = {path.name for _, path in self._steps(STEP_DIR)}
         for root in self.derived:  # conversions whose checkpoint is gone (pruned or set aside) go too
             for converted in list(root.glob("step-*")) if root.is_dir() else []:
-                if _STEP_DIR.fullmatch(converted.name) and converted.name not in existing:
+                if STEP_DIR.fullmatch(converted.name) and converted.name not in existing:
                     self._delete_derived(converted.name)
 
     def _delete_derived(self, name: str) -> None:

@@ -208,7 +208,7 @@ def _export(engine: Any, cfg: TrainConfig, paths: TrainPaths, checkpoints: Check
             state: TrainState, objective: Objective, stopped: str | None, device: torch.device, rank: int,
             interrupted: Callable[[], bool]) -> dict[str, Any]:
     """The final (or best) weights as a Hugging Face folder, with where they came from."""
-    source = checkpoints.best() if cfg.export == "best" and early.best is not None else None
+    source = checkpoints.best_checked() if cfg.export == "best" and early.best is not None else None
     result = export_model(engine, cfg, paths.export, source, device, rank, provenance={
         "objective": objective.name, **(objective.extra or {}), "base_model": cfg.model.path,
         "data_manifests": state.manifest_sha256, "steps": state.step, "tokens": state.tokens,

@@ -426,3 +426,17 @@ def test_a_universal_conversion_goes_with_its_checkpoint(tmp_path: Path) -> None
     (universal / step_dir_name(20)).mkdir()
     ckpt.set_aside(tmp_path / "ckpt" / step_dir_name(20), ["test"])
     assert list(universal.iterdir()) == [], "a conversion of a bad checkpoint is bad too"
+
+
+def test_the_best_checkpoint_is_content_checked_before_its_weights_are_exported(tmp_path: Path) -> None:
+    ckpt = _ckpt(tmp_path, keep_last=1)
+    for step, metric in ((10, 1.0), (20, 2.0), (30, 3.0)):
+        ckpt.save(step, _files(b"weights" * 100), metric=metric)
+    assert sorted(p.name for p in tmp_path.glob("step-*")) == [step_dir_name(10), step_dir_name(30)]
+    data = bytearray((tmp_path / step_dir_name(10) / "model.bin").read_bytes())
+    data[7] ^= 0x80
+    (tmp_path / step_dir_name(10) / "model.bin").write_bytes(bytes(data))
+    assert ckpt.best() == tmp_path / step_dir_name(10), "by its sizes it looks fine"
+    with pytest.warns(CheckpointWarning, match="step-0000000010 is damaged .model.bin: content hash"):
+        assert ckpt.best_checked() == tmp_path / step_dir_name(30)
+    assert (tmp_path / "step-0000000010.bad").is_dir()
