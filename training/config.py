@@ -41,6 +41,7 @@ class DataConfig:
     seed: int = 1234  # seeds the per-epoch shuffle of every source; the mixing order itself is fixed
     split: str = "train"  # which split of every source to train on
     verify_hashes: bool = False  # also sha256 every shard at start (reads all data); always: sizes, each batch's XXH3
+    max_open_shards: int = 64  # shard readers open per source (LRU): a file handle + ~1 MiB decoded batch each
 
     def __post_init__(self) -> None:
         for name in ("weights", "names"):
@@ -53,6 +54,8 @@ class DataConfig:
             raise ValueError(f"seed must be at least 0, got {self.seed}")
         if not self.split:
             raise ValueError("split must be a split name such as 'train'")
+        if self.max_open_shards < 1:
+            raise ValueError(f"max_open_shards must be at least 1, got {self.max_open_shards}")
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ import bisect
 import hashlib
 import math
 import typing
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,8 +63,11 @@ class _OpenShard:
 class OpenedSource:
     """One split of one shard folder, checked against its manifest, as a flat array of rows."""
 
-    def __init__(self, folder: str | Path, split: str = "train", verify_hashes: bool = False, name: str = "") -> None:
-        self.folder, self.split = Path(folder), split
+    def __init__(self, folder: str | Path, split: str = "train", verify_hashes: bool = False, name: str = "",
+                 max_open: int = DataConfig.max_open_shards) -> None:
+        if max_open < 1:
+            raise ValueError(f"max_open must be at least 1, got {max_open}")
+        self.folder, self.split, self.max_open = Path(folder), split, max_open
         self.name = name or self.folder.resolve().name
         try:
             manifest = Manifest.load(self.folder)
@@ -78,10 +82,18 @@ class OpenedSource:
         self.rows = self.starts[-1]
         self.seq_len, self.dtype = manifest.seq_len, manifest.dtype
         self.tokenizer_sha256, self.manifest_sha256 = manifest.tokenizer_sha256, manifest.sha256()
-        self._open: dict[int, _OpenShard] = {}  # readers open lazily: a run may touch few of many shards
+        # Readers open lazily (a run may touch few of many shards) and at most max_open at a time, least recently
+        # used closed first: a shuffled stream touches every shard within a few hundred steps.
+        self._open: OrderedDict[int, _OpenShard] = OrderedDict()
+        self.readers_opened = 0  # over the source's life: with batches_decoded, what reading it has cost
+        self.batches_decoded = 0
 
     def _shard(self, index: int) -> _OpenShard:
-        if (shard := self._open.get(index)) is None:
+        if (shard := self._open.get(index)) is not None:
+            self._open.move_to_end(index)
+        else:
+            while len(self._open) >= self.max_open:
+                self._open.popitem(last=False)[1].reader.close()
             info = self.shards[index]
             try:
                 reader = ShardReader(self.folder / info.path, info.batch_table())
@@ -96,11 +108,12 @@ class OpenedSource:
                 reader.close()
                 raise
             shard = self._open[index] = _OpenShard(reader, len(first), 0, first)
+            self.readers_opened += 1
         return shard
 
-    @staticmethod
-    def _batch(reader: ShardReader, b: int) -> np.ndarray:
+    def _batch(self, reader: ShardReader, b: int) -> np.ndarray:
         """Record batch b, checked against the manifest's table (format 2) before it is decoded."""
+        self.batches_decoded += 1
         try:
             return reader.batch(b)
         except ManifestError as e:
@@ -129,7 +142,7 @@ def open_sources(config: DataConfig, split: str = "") -> list[OpenedSource]:
     if not config.sources:
         raise DataError("no data sources configured: set data.sources to shard output folders")
     names = config.names or ("",) * len(config.sources)
-    return [OpenedSource(path, split or config.split, config.verify_hashes, name)
+    return [OpenedSource(path, split or config.split, config.verify_hashes, name, config.max_open_shards)
             for path, name in zip(config.sources, names, strict=True)]
 
 

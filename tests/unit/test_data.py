@@ -260,3 +260,27 @@ def test_describe_and_open_sources(folders: list[Path]) -> None:
     assert text.splitlines() == ["law: 200 rows (1,600 tokens), weight 0.9500, 950 samples = 4.75 epochs",
                                  "web: 37 rows (296 tokens), weight 0.0500, 50 samples = 1.35 epochs"]
     assert [s.rows for s in open_sources(config, "val")] == [50, 10]
+
+
+def _open_files(folder: Path) -> int:
+    """This process's open descriptors on files under `folder` (what ulimit -n counts)."""
+    fds = Path("/proc/self/fd")
+    return sum(1 for fd in fds.iterdir() if str(folder) in str(fd.resolve(strict=False)))
+
+
+def test_open_shard_readers_are_bounded_and_the_rows_do_not_change(tmp_path: Path) -> None:
+    folder = make_source(tmp_path / "many", 0, 400, shard_rows=16)  # 25 shards
+    bounded, unbounded = OpenedSource(folder, max_open=3), OpenedSource(folder, max_open=1000)
+    order = np.random.default_rng(0).permutation(400)
+    peak = 0
+    for i in order:
+        assert (bounded.get(int(i)) == unbounded.get(int(i))).all()
+        peak = max(peak, _open_files(folder) - len(unbounded._open))
+    assert len(bounded._open) == 3 and len(unbounded._open) == 25
+    assert peak <= 3, f"{peak} shard files open at once with max_open=3"
+    assert bounded.readers_opened > 25, "evicted readers were reopened when their shard came round again"
+    bounded.close()
+    with pytest.raises(ValueError, match="max_open must be at least 1"):
+        OpenedSource(folder, max_open=0)
+    with pytest.raises(ValueError, match="^max_open_shards must"):
+        DataConfig(max_open_shards=0)
