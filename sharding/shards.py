@@ -99,16 +99,23 @@ def decode_batch_table(text: str, where: str) -> np.ndarray:
     return np.frombuffer(raw, BATCH_TABLE)
 
 
-def _batch_damaged(data: pa.Buffer, entry: np.void) -> bool:
-    offset, length = int(entry["offset"]), int(entry["length"])
-    return offset + length > data.size or xxh3_int(data.slice(offset, length)) != int(entry["xxh3"])
+def _table_entries(table: np.ndarray) -> list[tuple[int, int, int]]:
+    """The table as plain (offset, length, xxh3) ints: numpy scalar access costs microseconds a field."""
+    return list(zip(table["offset"].tolist(), table["length"].tolist(), table["xxh3"].tolist(), strict=True))
+
+
+def _stored_batch(data: pa.Buffer, entry: tuple[int, int, int]) -> pa.Buffer | None:
+    """The batch's stored bytes if they are the ones its table entry records, else None."""
+    offset, length, expected = entry
+    stored = data.slice(offset, length)
+    return stored if offset + length <= data.size and xxh3_int(stored) == expected else None
 
 
 def damaged_batches(path: Path, table: np.ndarray) -> list[int]:
     """Indices of the record batches of `path` whose stored bytes differ from `table` (or lie past its end)."""
     with pa.memory_map(str(path), "r") as source:
         data = source.read_buffer()
-        return [i for i, entry in enumerate(table) if _batch_damaged(data, entry)]
+        return [i for i, entry in enumerate(_table_entries(table)) if _stored_batch(data, entry) is None]
 
 
 @dataclass(frozen=True)
@@ -317,9 +324,7 @@ class ShardReader:
 
     def __init__(self, path: Path, table: np.ndarray | None = None) -> None:
         self.path, self._table = Path(path), table
-        # The table as plain ints, looked up once per decode: numpy scalar access costs microseconds a field.
-        self._entries = list(zip(table["offset"].tolist(), table["length"].tolist(), table["xxh3"].tolist(),
-                                 strict=True)) if table is not None else []
+        self._entries = _table_entries(table) if table is not None else []  # looked up once per decode
         self._source = pa.memory_map(str(self.path), "r")
         self._reader: pa.ipc.RecordBatchFileReader | None = None
         try:
@@ -362,9 +367,7 @@ class ShardReader:
                 assert self._reader is not None
                 batch = self._reader.get_batch(index)
             else:
-                offset, length, expected = self._entries[index]
-                stored = self._data.slice(offset, length)
-                if offset + length > self._data.size or xxh3_int(stored) != expected:
+                if (stored := _stored_batch(self._data, self._entries[index])) is None:
                     raise ShardCorrupt(self._corrupt(f"record batch {index} of {self._batches} is damaged (the "
                                                      "XXH3 of its stored bytes differs from the manifest's)"))
                 message = pa.ipc.read_message(stored)

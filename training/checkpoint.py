@@ -137,7 +137,8 @@ class Checkpointer:
         return final
 
     def _publish(self, step: int, tmp: Path, final: Path, metric: float | None) -> None:
-        if final.is_dir() and not self.verify(final):
+        existing = self.verify(final) if final.exists() else None  # problems of a save of this step already there
+        if existing == []:
             # The same step saved twice (a stop right after a resume, or a periodic and a stop save at one
             # step) holds the same training state. Replacing it would leave a moment with neither under a
             # valid name, so the existing one stays.
@@ -159,8 +160,8 @@ class Checkpointer:
             fsync_path(folder)  # the files are durable; so must their directory entries be
         publish_json(tmp / COMPLETE, {"version": COMPLETE_VERSION, "step": step, "metric": metric,
                                       "world_size": self.world, "files": files})
-        if final.exists():  # damaged: kept for inspection, out of the way
-            self.set_aside(final, self.verify(final), then="saved again")
+        if existing:  # damaged: kept for inspection, out of the way
+            self.set_aside(final, existing, then="saved again")
         os.rename(tmp, final)  # the multi-rank protocol: every rank wrote into the deterministic `step-N.tmp`
         fsync_path(self.root)
         publish_bytes(self.root / LATEST, f"{final.name}\n".encode())
