@@ -81,7 +81,7 @@ def bare_encode(tokenizer_path: Path, texts: list[str]) -> float:
 def end_to_end(corpus: Path, tokenizer_path: Path, threads: int) -> tuple[float, dict[str, object]]:
     from launcher.config import config_hash
     from launcher.run_config import load_run_config
-    from sharding.stage import map_files, reduce_shards
+    from sharding.reduce import run_all
 
     out = CACHE / "shard-out"
     shutil.rmtree(out, ignore_errors=True)
@@ -89,8 +89,7 @@ def end_to_end(corpus: Path, tokenizer_path: Path, threads: int) -> tuple[float,
     cfg = load_run_config(None, [f"shard.inputs=[{json.dumps(str(corpus))}]", f"shard.tokenizer={tokenizer_path}",
                                  "shard.tasks=1", f"shard.threads={threads}", "shard.reader.group_field=group"]).shard
     start = time.perf_counter()
-    map_files(cfg, out, 0, 1)
-    stats = reduce_shards(cfg, out, config_hash(cfg.data_config()))
+    stats = run_all(cfg, out, config_hash(cfg.data_config()))
     return time.perf_counter() - start, stats
 
 

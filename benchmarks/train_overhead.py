@@ -77,7 +77,7 @@ def prepare(work: Path, hidden: int, layers: int, steps: int, docs: int | None =
     from launcher.config import config_hash
     from launcher.run_config import load_run_config
     from sharding.corpus import build_corpus, read_corpus
-    from sharding.stage import map_files, reduce_shards
+    from sharding.reduce import run_all
     from sharding.tokenize import train_bpe_tokenizer
     from training.tiny import build_tiny_llama
 
@@ -86,8 +86,7 @@ def prepare(work: Path, hidden: int, layers: int, steps: int, docs: int | None =
     shard_cfg = load_run_config(None, [f"shard.inputs=[{json.dumps(str(corpus))}]", f"shard.tokenizer={tokenizer}",
                                        "shard.seq_len=256", "shard.val_fraction=0.05", "shard.tasks=1"]).shard
     (work / "shards").mkdir()
-    map_files(shard_cfg, work / "shards", 0, 1)
-    reduce_shards(shard_cfg, work / "shards", config_hash(shard_cfg.data_config()))
+    run_all(shard_cfg, work / "shards", config_hash(shard_cfg.data_config()))
     model = build_tiny_llama(tokenizer, work / "model", hidden=hidden, layers=layers, heads=4, max_positions=256)
     config = work / "cpt.toml"
     config.write_text("\n".join([

@@ -195,6 +195,7 @@ def _holds_other_config(cfg: RunConfig) -> bool:
 
 
 def _inspect(args: argparse.Namespace, console: Console) -> int:
+    from sharding.dedup_index import index_problems
     from sharding.shards import Manifest
     from sharding.summary import decode_sequences, summary_table
 
@@ -202,7 +203,7 @@ def _inspect(args: argparse.Namespace, console: Console) -> int:
     if (args.folder / "stats.json").exists():
         console.print(summary_table(args.folder))
     if args.verify:
-        problems = manifest.verify(args.folder, dedup_index=True)
+        problems = manifest.verify(args.folder) + index_problems(args.folder, full=True)
         for problem in problems:
             console.print(f"[red]BAD[/] {escape(problem)}")
         index = " and the dedup index" if manifest.dedup_index else ""

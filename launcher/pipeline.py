@@ -59,9 +59,21 @@ def _scheduler_view(executor: Executor, entry: dict[str, Any]) -> dict[str, str]
 
 
 def _alive(entry: dict[str, Any], states: dict[str, str]) -> list[str]:
-    """Recorded jobs that still run or will run by themselves."""
-    return [j for j in entry.get("job_ids", []) if j in states and states[j] not in TERMINAL_STATES
-            and states[j] != NEVER_SATISFIED]
+    """Recorded jobs that still run or will run by themselves. A stage's steps are chained afterok in the order
+    recorded, so once a step has a job that failed (or waits on one that did), the PENDING jobs of every later
+    step will never start: only the first of them is marked DependencyNeverSatisfied by Slurm, the steps behind
+    it just wait on it."""
+    alive, dead_step = [], None
+    for job in entry.get("job_ids", []):
+        state = states.get(job)
+        if state is None:
+            continue  # the scheduler no longer knows it: ended
+        step = base_job_id(job)
+        if state == NEVER_SATISFIED or (state in TERMINAL_STATES and state != "COMPLETED"):
+            dead_step = dead_step or step
+        elif state not in TERMINAL_STATES and not (dead_step and step != dead_step and state == "PENDING"):
+            alive.append(job)
+    return alive
 
 
 # What each way of ending means for the user; the rerun resubmits the stage, which resumes from its saved state.

@@ -1,9 +1,10 @@
 """Stages by name, and the small callable submitit pickles to run one task of one stage step.
 
-A stage is one or more steps run one after another (afterok on Slurm): the shard stage is a job
-array that maps input files, then one reduce job. Every step is a pure function of (resolved
-config, run layout, task environment, array element); the step resolves the paths its stage reads and
-writes from the layout and hands them to the stage's code, which never computes another stage's folder.
+A stage is one or more steps run one after another (afterok on Slurm): the shard stage is a job array that
+maps input files, an array over dedup buckets, one cluster job, an array that packs, and one finish job.
+Every step is a pure function of (resolved config, run layout, task environment, array element); the step
+resolves the paths its stage reads and writes from the layout and hands them to the stage's code, which
+never computes another stage's folder.
 """
 
 from __future__ import annotations
@@ -83,25 +84,42 @@ def _shard_map(cfg: RunConfig, layout: RunLayout, env: TaskEnv, element: int | N
     return map_files(cfg.shard, layout.stage("shard"), element or 0, cfg.shard.tasks)
 
 
-def _shard_reduce(cfg: RunConfig, layout: RunLayout, env: TaskEnv, element: int | None) -> Any:
-    from sharding.stage import reduce_shards
+def _shard_dedup(cfg: RunConfig, layout: RunLayout, env: TaskEnv, element: int | None) -> Any:
+    from sharding.reduce import dedup_bucket
 
-    return reduce_shards(cfg.shard, layout.stage("shard"), config_hash(cfg.shard.data_config()))
+    return dedup_bucket(cfg.shard, layout.stage("shard"), element or 0)
+
+
+def _shard_cluster(cfg: RunConfig, layout: RunLayout, env: TaskEnv, element: int | None) -> Any:
+    from sharding.reduce import cluster_pairs
+
+    return cluster_pairs(cfg.shard, layout.stage("shard"))
+
+
+def _shard_pack(cfg: RunConfig, layout: RunLayout, env: TaskEnv, element: int | None) -> Any:
+    from sharding.reduce import pack_step
+
+    return pack_step(cfg.shard, layout.stage("shard"), element or 0, cfg.shard.tasks)
+
+
+def _shard_finish(cfg: RunConfig, layout: RunLayout, env: TaskEnv, element: int | None) -> Any:
+    from sharding.reduce import finish
+
+    return finish(cfg.shard, layout.stage("shard"), config_hash(cfg.shard.data_config()))
 
 
 def _shard_preflight(cfg: RunConfig) -> None:
-    from sharding.shards import Manifest
+    from sharding.dedup_index import INDEX_FILE, Previous
     from sharding.stage import check_inputs
 
     # With the run's shard folder: a rerun whose inputs changed since the stage started (or completed) is refused.
     check_inputs(cfg.shard, preflight_layout(cfg).stage("shard"))
     for i, folder in enumerate(cfg.shard.dedup.previous):
-        if not (Path(folder) / "dedup-index.arrow").is_file():
+        if not (Path(folder) / INDEX_FILE).is_file():
             raise ValueError(f"shard.dedup.previous[{i}] '{folder}' is not a finished shard folder "
-                             "(no dedup-index.arrow)")
-        # Sizes only here: the reduce checks the index's sha256 against the manifest before it uses it.
-        if problem := Manifest.load(Path(folder)).dedup_index_problem(Path(folder), full=False):
-            raise ValueError(f"shard.dedup.previous[{i}] '{folder}': {problem}")
+                             f"(no {INDEX_FILE})")
+    # index.json by sha256 and every part by size here; the dedup tasks check the parts' XXH3 before use.
+    Previous.load([Path(p) for p in cfg.shard.dedup.previous], cfg.shard.dedup.minhash)
 
 
 def _shard_summary(folder: Path) -> Any:
@@ -273,7 +291,10 @@ def _report_preflight(cfg: RunConfig) -> None:
 def _stages() -> MappingProxyType[str, Stage]:
     probe = Step("probe", _probe, lambda cfg: cfg.probe.array_size)
     shard = Stage("shard", (Step("map", _shard_map, lambda cfg: cfg.shard.tasks),
-                            Step("reduce", _shard_reduce, single_task=True)),
+                            Step("dedup", _shard_dedup, lambda cfg: cfg.shard.dedup.buckets),
+                            Step("cluster", _shard_cluster, single_task=True),
+                            Step("pack", _shard_pack, lambda cfg: cfg.shard.tasks),
+                            Step("finish", _shard_finish, single_task=True)),
                   preflight=_shard_preflight, summary=_shard_summary)
     cpt = Stage("cpt", (Step("train", _cpt_train),), preflight=_cpt_preflight)
     teacher_logits = Stage("teacher_logits", (

@@ -149,6 +149,11 @@ class DedupConfig:
     near: bool = True  # drop near-duplicates found by MinHash LSH (the earliest document of a cluster survives)
     minhash: MinHashConfig = field(default_factory=MinHashConfig)  # shingles, permutations, bands, threshold
     previous: tuple[str, ...] = ()  # earlier shard output folders: new documents are deduplicated against them
+    buckets: int = 4  # dedup array elements: each holds ~2.2 KB x documents / buckets at its peak (output unchanged)
+
+    def __post_init__(self) -> None:
+        if self.buckets < 1:
+            raise ValueError(f"buckets must be at least 1, got {self.buckets}")
 
 
 @dataclass(frozen=True)
@@ -161,6 +166,7 @@ class ShardConfig:
     val_fraction: float = 0.01  # share of document groups held out for validation, chosen by hash
     tasks: int = 4  # job array elements that clean and tokenize input files; output is the same for any count
     shard_sequences: int = 16384  # packed sequences per shard file
+    pack_shards: int = 8  # shards' worth of input tokens per packing group (parallel unit; its tail row is dropped)
     encode_batch: int = 256  # documents per tokenizer call
     threads: int = 0  # tokenizer threads per task (0: resources.cpus_per_task)
     reader: ReaderConfig = field(default_factory=ReaderConfig)  # input format: text, id and group fields
@@ -172,7 +178,7 @@ class ShardConfig:
             raise ValueError(f"seq_len must be at least 2, got {self.seq_len}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
-        for name in ("tasks", "shard_sequences", "encode_batch"):
+        for name in ("tasks", "shard_sequences", "encode_batch", "pack_shards"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.threads < 0:
@@ -186,4 +192,5 @@ class ShardConfig:
         data = dataclasses.asdict(self)
         for name in ("resources", "tasks", "threads", "encode_batch"):
             data.pop(name)
+        data["dedup"].pop("buckets")  # type: ignore[union-attr]
         return data

@@ -177,7 +177,7 @@ class Manifest:
     shards: tuple[ShardInfo, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)  # e.g. rounds deduplicated against
     format_version: int = FORMAT_VERSION
-    dedup_index: FileInfo | None = None  # the shard stage's dedup-index.arrow, which a later round reads
+    dedup_index: FileInfo | None = None  # the dedup index's index.json, which a later round reads
 
     def split_shards(self, split: str) -> list[ShardInfo]:
         return [s for s in self.shards if s.split == split]
@@ -225,9 +225,9 @@ class Manifest:
             raise ManifestError(f"{path}: file path {bad!r} is not inside the folder; refused")
         return manifest
 
-    def verify(self, folder: Path, full: bool = True, dedup_index: bool = False) -> list[str]:
+    def verify(self, folder: Path, full: bool = True) -> list[str]:
         """Problems found, one line each (empty: all good). `full` re-hashes every shard; a shard whose sha256
-        differs is searched for damaged record batches. `dedup_index`: the dedup index too, when listed."""
+        differs is searched for damaged record batches. The dedup index: `sharding.dedup_index.index_problems`."""
         problems = []
         for shard in self.shards:
             problem = FileInfo(shard.path, shard.bytes, shard.sha256).problem(folder, full=False)
@@ -239,18 +239,7 @@ class Manifest:
                                 f"; its {len(table)} record batches are intact: the damage is in its schema or footer")
             if problem is not None:
                 problems.append(problem)
-        if dedup_index and self.dedup_index is not None and (problem := self.dedup_index.problem(folder, full)):
-            problems.append(problem)
         return problems
-
-    def dedup_index_problem(self, folder: Path, full: bool = True) -> str | None:
-        """What is wrong with the folder's dedup index for a round that reads it; a format-1 manifest lists none,
-        and only the file's presence counts."""
-        if self.dedup_index is not None:
-            return self.dedup_index.problem(folder, full)
-        if self.format_version == 1:
-            return None if (Path(folder) / "dedup-index.arrow").is_file() else "dedup-index.arrow: missing"
-        return "the manifest lists no dedup index"
 
 
 class ShardWriter:

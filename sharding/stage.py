@@ -1,41 +1,39 @@
-"""The shard stage: a job array maps input files to cleaned, tokenized work files, then one
-reduce job deduplicates globally, packs and writes the shards, the index and the manifest.
+"""The shard stage, step one: a job array maps input files to cleaned, tokenized work files and the bucketed
+dedup keys (`sharding.buckets`); the steps after it are in `sharding.reduce`.
 
-Both steps are pure functions of (config, rank, world size): input file i belongs to array
-element i % world, work files are named by input file, and everything the reduce writes depends
-only on the global document order, so the output is byte-identical for any number of tasks.
-Each input file's tally is written last, after its work files: it is the file's completion
-marker, and a requeued task starts again at the first file without one.
+Every step is a pure function of (config, rank, world size): input file i belongs to map element i % world,
+work files are named by input file, and everything later steps write depends only on the global document
+order, so the output is byte-identical for any number of tasks or buckets. Each input file's tally is written
+last, after its work files: it is the file's completion marker, and a requeued task starts again at the first
+file without one.
 
 The stage folder is bound to its inputs: the first task to start records the expanded input list
-(path, size, mtime_ns, in order) in inputs.json, and every later map attempt, the reduce and a rerun
+(path, size, mtime_ns, in order) in inputs.json, and every later map attempt, the cluster step and a rerun
 of the finished stage compare the current expansion with it and refuse any difference by name.
-Each tally names the input it was made from, so the reduce checks work files against that list too.
+Each tally names the input it was made from, so the cluster step checks work files against that list too.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
-from common.publish import commit_file, publish_bytes, publish_json, publish_json_once, remove_stale_temps, temp_path
+from common.publish import commit_file, publish_json, publish_json_once, temp_path
+from sharding.buckets import UnitWriter
 from sharding.clean import build_steps
 from sharding.config import ShardConfig
-from sharding.dedup import INDEX, DedupIndex, find_duplicates
 from sharding.documents import Doc, Tally
 from sharding.minhash import MinHasher, exact_hash
-from sharding.packing import pack_and_write
 from sharding.readers import InputError, expand_inputs, location, preflight, read_file
 from sharding.tokenize import load_tokenizer
 
@@ -50,10 +48,23 @@ class InputsChanged(InputError):
     """The inputs expand differently from the list the stage folder recorded when it was first used."""
 
 
-def work_paths(out: Path, index: int) -> tuple[Path, Path, Path]:
-    """(dedup columns, tokens, tally) of input file `index`."""
+TOKENS_SCHEMA = pa.schema([("record", pa.int64()), ("val", pa.bool_()), ("tokens", pa.large_list(pa.uint32()))])
+
+
+@dataclass(frozen=True)
+class UnitFiles:
+    """The work files of one input file; the tally is written last and marks the others complete."""
+    exact: Path  # exact-hash entries, runs of one batch per bucket
+    bands: Path  # MinHash band entries, same layout
+    sigs: Path  # raw uint32 signatures, one row per surviving document
+    tokens: Path  # record, val and tokens of every surviving document, in order
+    tally: Path  # the file's tally, its source and its row and token counts
+
+
+def work_files(out: Path, index: int) -> UnitFiles:
     stem = out / WORK / f"{index:06d}"
-    return stem.with_suffix(".dedup.arrow"), stem.with_suffix(".tokens.arrow"), stem.with_suffix(".tally.json")
+    return UnitFiles(*(stem.with_suffix(s) for s in (".exact.arrow", ".bands.arrow", ".sigs.u32", ".tokens.arrow",
+                                                       ".tally.json")))
 
 
 def check_inputs(cfg: ShardConfig, out: Path | None = None) -> None:
@@ -163,10 +174,10 @@ def check_recorded_inputs(cfg: ShardConfig, out: Path, files: Sequence[Path] | N
         raise _changed(out, recorded, changes)
 
 
-def _tally_source(out: Path, index: int) -> Any:
+def tally_source(out: Path, index: int) -> Any:
     """The input a finished work file was made from (its tally's "source"); None when it is not finished."""
     try:
-        return json.loads(work_paths(out, index)[2].read_text()).get("source")
+        return json.loads(work_files(out, index).tally.read_text()).get("source")
     except FileNotFoundError:
         return None
 
@@ -219,7 +230,7 @@ def map_files(cfg: ShardConfig, out: Path, rank: int, world: int) -> dict[str, A
     done = 0
     with ThreadPoolExecutor(max_workers=1) as pool:
         for index in range(rank, len(recorded), world):
-            if _tally_source(out, index) == recorded[index]:
+            if tally_source(out, index) == recorded[index]:
                 continue  # finished by an earlier attempt, from this very file
             _map_file(recorded[index], index, cfg=cfg, out=out, tokenizer=tokenizer, steps=steps, hasher=hasher,
                       pool=pool, progress=progress)
@@ -228,25 +239,18 @@ def map_files(cfg: ShardConfig, out: Path, rank: int, world: int) -> dict[str, A
     return {"files": done}
 
 
-def _encode(cfg: ShardConfig, docs: list[Doc], tokenizer: Any, hasher: MinHasher) -> tuple[pa.RecordBatch, ...]:
+def _encode(cfg: ShardConfig, docs: list[Doc], tokenizer: Any, hasher: MinHasher) -> tuple[Any, ...]:
     """Runs on the worker thread: the tokenizer and numpy release the GIL while cleaning goes on."""
     texts = [d.text for d in docs]
     encodings = tokenizer.encode_batch_fast(texts, add_special_tokens=False)
     ids = [np.asarray(e.ids, dtype=np.uint32) for e in encodings]
     offsets = np.zeros(len(ids) + 1, dtype=np.int64)
     np.cumsum([len(i) for i in ids], out=offsets[1:])
-    records = pa.array([d.record for d in docs], pa.int64())
-    sigs = hasher.signatures(texts)
-    dedup = pa.record_batch({
-        "record": records,
-        "val": pa.array([in_validation(d.group, cfg.val_fraction) for d in docs]),
-        "exact": pa.array([exact_hash(t) for t in texts], pa.binary(16)),
-        "sig": pa.FixedSizeListArray.from_arrays(pa.array(sigs.reshape(-1)), sigs.shape[1]),
-    })
     values = np.concatenate(ids) if ids else np.empty(0, np.uint32)
-    tokens = pa.record_batch({"record": records,
+    tokens = pa.record_batch({"record": pa.array([d.record for d in docs], pa.int64()),
+                              "val": pa.array([in_validation(d.group, cfg.val_fraction) for d in docs]),
                               "tokens": pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(values))})
-    return dedup, tokens
+    return [exact_hash(t) for t in texts], hasher.signatures(texts), tokens
 
 
 def _map_file(source: dict[str, Any], index: int, *, cfg: ShardConfig, out: Path, tokenizer: Any,
@@ -254,102 +258,54 @@ def _map_file(source: dict[str, Any], index: int, *, cfg: ShardConfig, out: Path
     """Input file `index` (`source`, its recorded {path, size, mtime_ns}) to its work files, then its tally, the
     file's completion marker, which names the source."""
     path = Path(source["path"])
-    dedup_path, tokens_path, tally_path = work_paths(out, index)
-    temps = {target: temp_path(target) for target in (dedup_path, tokens_path)}  # pyarrow writes them by name
+    files = work_files(out, index)
     tally = Tally()
-    writers: dict[Path, Any] = {}
-    pending: Future[tuple[pa.RecordBatch, ...]] | None = None
+    dedup = UnitWriter((files.exact, files.bands, files.sigs), cfg.dedup.minhash, cfg.dedup.buckets)
+    tokens_tmp = temp_path(files.tokens)  # pyarrow writes it by name
+    sink = pa.OSFile(str(tokens_tmp), "wb")
+    writer = pa.ipc.new_file(sink, TOKENS_SCHEMA, options=pa.ipc.IpcWriteOptions(compression="zstd"))
+    pending: Future[tuple[Any, ...]] | None = None
+    token_count = 0
 
-    def write(batches: tuple[pa.RecordBatch, ...]) -> None:
-        for target, batch in zip((dedup_path, tokens_path), batches, strict=True):
-            if target not in writers:
-                sink = pa.OSFile(str(temps[target]), "wb")
-                writers[target] = (sink, pa.ipc.new_file(sink, batch.schema,
-                                                         options=pa.ipc.IpcWriteOptions(compression="zstd")))
-            writers[target][1].write_batch(batch)
+    def write(encoded: tuple[Any, ...]) -> None:
+        nonlocal token_count
+        exact, sigs, batch = encoded
+        dedup.add(exact, sigs)
+        writer.write_batch(batch)
+        token_count += len(batch.column("tokens").values)
 
-    batch: list[Doc] = []
-    for doc in read_file(path, index, cfg.reader, tally):
-        for step in steps:
-            if reason := step(doc, tally):
-                tally.drop(reason, location(path, doc.record))
-                break
-        else:
-            batch.append(doc)
-        if len(batch) >= cfg.encode_batch:
-            if pending is not None:
-                write(pending.result())
-            pending = pool.submit(_encode, cfg, batch, tokenizer, hasher)
+    try:
+        batch: list[Doc] = []
+        for doc in read_file(path, index, cfg.reader, tally):
+            for step in steps:
+                if reason := step(doc, tally):
+                    tally.drop(reason, location(path, doc.record))
+                    break
+            else:
+                batch.append(doc)
+            if len(batch) >= cfg.encode_batch:
+                if pending is not None:
+                    write(pending.result())
+                pending = pool.submit(_encode, cfg, batch, tokenizer, hasher)
+                progress.add(len(batch), sum(len(d.text) for d in batch), path.name)
+                batch = []
+        if pending is not None:
+            write(pending.result())
+        if batch:
+            write(_encode(cfg, batch, tokenizer, hasher))
             progress.add(len(batch), sum(len(d.text) for d in batch), path.name)
-            batch = []
-    if pending is not None:
-        write(pending.result())
-    if batch:
-        write(_encode(cfg, batch, tokenizer, hasher))
-        progress.add(len(batch), sum(len(d.text) for d in batch), path.name)
-    for target in (dedup_path, tokens_path):
-        if target in writers:
-            sink, writer = writers[target]
-            writer.close()
-            sink.close()
-            commit_file(temps[target], target)
-        else:
-            target.unlink(missing_ok=True)  # a file with no surviving document has no work files
+    except BaseException:
+        dedup.abandon()
+        sink.close()
+        tokens_tmp.unlink(missing_ok=True)
+        raise
+    rows = dedup.close()
+    writer.close()
+    sink.close()
+    commit_file(tokens_tmp, files.tokens)
     if changes := input_changes([source], stat_inputs([path])):
         raise InputsChanged(f"input {index} changed while it was read ({changes}); its tally is not written")
-    publish_json(tally_path, {**tally.state_dict(), "source": source})
+    unit = {"rows": rows, "tokens": token_count, "buckets": cfg.dedup.buckets}
+    publish_json(files.tally, {**tally.state_dict(), "source": source, "unit": unit})
 
 
-def reduce_shards(cfg: ShardConfig, out: Path, data_hash: str) -> dict[str, Any]:
-    """The single reduce task: global dedup over all work files (and earlier rounds), then pack."""
-    if (out / COMPLETE).exists():
-        check_recorded_inputs(cfg, out)  # the finished stage's inputs changed since: not a silent success
-        return json.loads((out / "stats.json").read_text())  # type: ignore[no-any-return]
-    remove_stale_temps(out)  # the reduce is the folder's only writer: temp shards of a killed attempt
-    recorded = bind_inputs(cfg, out)  # the current expansion must match; the recorded list is what is used
-    files = [Path(e["path"]) for e in recorded]
-    missing = [i for i in range(len(files)) if _tally_source(out, i) != recorded[i]]
-    if missing:
-        raise RuntimeError(f"the map step has not finished {len(missing)} of {len(files)} input files "
-                           f"(first: {files[missing[0]]}; a tally made from another file counts as unfinished); "
-                           "rerun the stage")
-    tally = Tally()
-    for i in range(len(files)):
-        tally.merge(Tally.from_state_dict(json.loads(work_paths(out, i)[2].read_text())))
-    _, info = load_tokenizer(cfg.tokenizer, cfg.eos_token)
-    previous = DedupIndex.load_many([Path(p) for p in cfg.dedup.previous], cfg.dedup.minhash)
-    current = DedupIndex.from_work([work_paths(out, i)[0] for i in range(len(files))], cfg.dedup.minhash)
-    verdict = find_duplicates(cfg.dedup, previous, current)
-    for row, reason, rep in verdict.dropped():
-        original = "an earlier round" if rep < 0 else location(files[current.file_index[rep]], current.record[rep])
-        tally.drop(reason, location(files[current.file_index[row]], current.record[row]), f"duplicate of {original}")
-    tally.docs_kept = int(verdict.keep.sum())
-
-    def accounting() -> str:  # the summary table's document rows, on one line for state.json and the CLI
-        dropped = ", ".join(f"{reason} {count:,}" for reason, count in tally.dropped.most_common())
-        return (f"{tally.docs_in:,} documents read from {len(files)} file(s), {tally.docs_kept:,} kept"
-                + (f"; dropped: {dropped}" if dropped else ""))
-
-    # An empty output would be published as COMPLETE and fail only in the stage that reads it, hours later.
-    if tally.docs_kept == 0:
-        raise RuntimeError(f"shard: no document survived cleaning and deduplication ({accounting()}); "
-                           "check shard.inputs and shard.reader.text_field, or loosen shard.clean")
-    manifest, tokens = pack_and_write(cfg, out, current, verdict.keep, info, data_hash,
-                                      [work_paths(out, i)[1] for i in range(len(files))])
-    for split in ("train", "val") if cfg.val_fraction > 0 else ("train",):
-        if not manifest.split_shards(split):
-            held = f"{tokens[split]['docs']:,} documents, {tokens[split]['doc_tokens']:,} tokens"
-            hint = "raise shard.val_fraction or lower shard.seq_len" if split == "val" else "lower shard.seq_len"
-            raise RuntimeError(f"shard: the {split} split is empty ({held}: not one sequence of seq_len "
-                               f"{cfg.seq_len}); {hint} ({accounting()})")
-    if tally.docs_in != tally.docs_kept + sum(tally.dropped.values()):
-        raise AssertionError(f"document accounting is off: {tally.docs_in} read, {tally.docs_kept} kept, "
-                             f"{sum(tally.dropped.values())} dropped")
-    index = previous.extended(current, verdict.keep).save(out / INDEX)
-    manifest = dataclasses.replace(manifest, dedup_index=index)  # listed, so a later round can check what it reads
-    stats = {**tally.state_dict(), "tokens": tokens, "dropped_total": sum(tally.dropped.values())}
-    publish_json(out / "stats.json", stats)
-    manifest.save(out)
-    publish_bytes(out / COMPLETE, f"{manifest.sha256()}\n".encode())
-    shutil.rmtree(out / WORK, ignore_errors=True)  # the shards hold everything now; work files double the disk
-    return stats

@@ -24,6 +24,7 @@ def test_shard_cpt_teacher_logits_distill_report_in_one_run(tmp_path: Path, corp
         "resources": {"time_min": 20},
         "shard": {"inputs": [corpora["licenses"], corpora["wiki"]], "tokenizer": tokenizer_dir, "seq_len": 64,
                   "val_fraction": 0.2, "tasks": 2},
+        "shard.dedup": {"buckets": 2},
         "shard.reader": {"group_field": "group"},
         "cpt": {"steps": 6},
         "cpt.model": {"path": teacher_model},
@@ -44,7 +45,8 @@ def test_shard_cpt_teacher_logits_distill_report_in_one_run(tmp_path: Path, corp
     assert {s: e["status"] for s, e in state["stages"].items()} == {
         s: "completed" for s in ("shard", "cpt", "teacher_logits", "distill", "report")}
     jobs = sorted({j.split("_")[0] for e in state["stages"].values() for j in e["job_ids"]})
-    assert len(jobs) == 8  # shard map + reduce, cpt, teacher_logits compute + index, distill student + train, report
+    # shard map + dedup + cluster + pack + finish, cpt, teacher_logits compute + index, distill student + train, report
+    assert len(jobs) == 11
 
     def slurm_states() -> set[str]:
         return set(subprocess.run(["sacct", "-n", "-P", "-X", "-o", "State", "-j", ",".join(jobs)],

@@ -17,7 +17,7 @@ from launcher.run_config import load_run_config
 from launcher.rundir import RunDir
 from sharding.corpus import read_corpus
 from sharding.shards import Manifest, sha256_file
-from sharding.stage import work_paths
+from sharding.stage import work_files
 
 from .helpers import shard, shard_config, wait_finished
 
@@ -29,7 +29,12 @@ def stats_of(out: Path) -> dict:  # type: ignore[type-arg]
 
 
 def file_hashes(out: Path) -> dict[str, str]:
-    return {p.name: sha256_file(p) for p in sorted(out.iterdir()) if p.is_file()}
+    """Every file of the stage folder (the dedup index's parts too), by its path inside it."""
+    return {str(p.relative_to(out)): sha256_file(p) for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+def mtimes(out: Path) -> dict[str, int]:
+    return {str(p.relative_to(out)): p.stat().st_mtime_ns for p in sorted(out.rglob("*"))}
 
 
 def write_jsonl(path: Path, records: list[dict[str, str]]) -> Path:
@@ -66,9 +71,9 @@ def test_output_is_byte_identical_across_reruns_and_task_counts(tmp_path: Path, 
     three = shard(tmp_path / "three", inputs, tokenizer_dir, "shard.tasks=3")
     again = shard(tmp_path / "again", inputs, tokenizer_dir, "shard.tasks=3")
     assert file_hashes(one) == file_hashes(three) == file_hashes(again)
-    before = {p.name: p.stat().st_mtime_ns for p in three.iterdir()}
+    before = mtimes(three)
     shard(tmp_path / "three", inputs, tokenizer_dir, "shard.tasks=3")  # finished: nothing is redone
-    assert {p.name: p.stat().st_mtime_ns for p in three.iterdir()} == before
+    assert mtimes(three) == before
 
 
 def test_killed_map_task_resumes_at_the_file_where_it_stopped(tmp_path: Path, corpora: dict[str, Path],
@@ -86,11 +91,11 @@ def test_killed_map_task_resumes_at_the_file_where_it_stopped(tmp_path: Path, co
         "map_files(cfg.shard, Path(sys.argv[2]), 0, 1)"), str(config), str(out), "shard.tasks=1",
         "shard.encode_batch=4"], start_new_session=True)
     deadline = time.monotonic() + 60
-    while sum(work_paths(out, i)[2].exists() for i in range(8)) < 2 and time.monotonic() < deadline:
+    while sum(work_files(out, i).tally.exists() for i in range(8)) < 2 and time.monotonic() < deadline:
         time.sleep(0.01)
     os.killpg(worker.pid, signal.SIGKILL)
     worker.wait()
-    finished = {i: work_paths(out, i)[2].stat().st_mtime_ns for i in range(8) if work_paths(out, i)[2].exists()}
+    finished = {i: work_files(out, i).tally.stat().st_mtime_ns for i in range(8) if work_files(out, i).tally.exists()}
     assert 2 <= len(finished) < 8, "the task was killed mid-way"
     assert main(["shard", str(config), "shard.tasks=1", "shard.encode_batch=4"]) == 0
     assert file_hashes(out) == file_hashes(reference)
@@ -140,8 +145,8 @@ def test_missing_input_and_bad_tokenizer_stop_before_any_work(tmp_path: Path, co
 
 @pytest.mark.slurm
 @pytest.mark.usefixtures("slurm_cluster")
-def test_job_array_and_reduce_on_the_slurm_cluster(tmp_path: Path, corpora: dict[str, Path],
-                                                   tokenizer_dir: Path, one_task_shards: Path) -> None:
+def test_job_arrays_and_single_steps_on_the_slurm_cluster(tmp_path: Path, corpora: dict[str, Path],
+                                                          tokenizer_dir: Path, one_task_shards: Path) -> None:
     inputs = list(corpora.values())
     local = one_task_shards  # the same inputs and config, sharded by 1 local task
     (tmp_path / "slurm").mkdir()
@@ -150,8 +155,12 @@ def test_job_array_and_reduce_on_the_slurm_cluster(tmp_path: Path, corpora: dict
     run = RunDir(tmp_path / "slurm" / "runs" / "shard")
     entry = wait_finished(run, "shard", timeout=300)
     assert entry["status"] == "completed", entry
-    assert sorted(entry["tasks_done"]) == ["map/element-0", "map/element-1", "map/element-2", "reduce/rank-0"]
-    assert len({j.split("_")[0] for j in entry["job_ids"]}) == 2  # one array job, one reduce job
+    buckets = load_run_config(config, ["shard.tasks=3"]).shard.dedup.buckets  # the default, as the local run's
+    assert sorted(entry["tasks_done"]) == sorted(
+        [f"map/element-{i}" for i in range(3)] + [f"dedup/element-{b}" for b in range(buckets)] + ["cluster/rank-0"]
+        + [f"pack/element-{i}" for i in range(3)] + ["finish/rank-0"])
+    # map, dedup and pack arrays, one cluster job, one finish job
+    assert len({j.split("_")[0] for j in entry["job_ids"]}) == 5
     assert file_hashes(run.stage_dir("shard")) == file_hashes(local)
 
 

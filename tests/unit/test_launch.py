@@ -32,15 +32,26 @@ from training.stop import REQUEUE_EXIT_CODE
 PIPELINE = ["shard", "cpt", "teacher_logits", "distill", "report"]
 
 # Every step of the full pipeline, in the order `launch` must submit them (run name "pipe").
-PIPELINE_JOBS = ["pipe.shard.map", "pipe.shard.reduce", "pipe.cpt.train", "pipe.teacher_logits.compute",
-                 "pipe.teacher_logits.index", "pipe.distill.student", "pipe.distill.train", "pipe.report"]
+SHARD_JOBS = ["pipe.shard.map", "pipe.shard.dedup", "pipe.shard.cluster", "pipe.shard.pack", "pipe.shard.finish"]
+PIPELINE_JOBS = [*SHARD_JOBS, "pipe.cpt.train", "pipe.teacher_logits.compute", "pipe.teacher_logits.index",
+                 "pipe.distill.student", "pipe.distill.train", "pipe.report"]
+
+# A shard stage of shard.tasks=2 and shard.dedup.buckets=2 submitted earlier, by step: arrays map, dedup and
+# pack, single cluster and finish, each job waiting on the one before.
+OLD_SHARD = {"map": ["500_0", "500_1"], "dedup": ["501_0", "501_1"], "cluster": ["502"], "pack": ["503_0", "503_1"],
+             "finish": ["504"]}
+OLD_SHARD_IDS = [j for ids in OLD_SHARD.values() for j in ids]
+SHARD_TASKS = 2 + 2 + 1 + 2 + 1  # every element of the three arrays, one each for cluster and finish
+# The same shard stage, submitted afresh by a FakeExecutor whose ids start at 1000.
+NEW_SHARD = [["1000_0", "1000_1"], ["1001_0", "1001_1"], ["1002"], ["1003_0", "1003_1"], ["1004"]]
+NEW_SHARD_IDS = [j for ids in NEW_SHARD for j in ids]
 
 
 def make_run(tmp_path: Path, stages: list[str], *overrides: str) -> tuple[RunConfig, RunDir]:
     """A real run directory for a config that needs nothing on disk (launch does no preflight)."""
     cfg = load_run_config(None, [
         f"run.root={tmp_path / 'runs'}", "run.name=pipe", f"run.stages={json.dumps(stages)}",
-        "shard.tasks=3", "teacher_logits.tasks=2",
+        "shard.tasks=3", "shard.dedup.buckets=2", "teacher_logits.tasks=2",
         "cpt.resources.tasks_per_node=2",  # one job of 2 processes: 2 tasks report done
         "distill.resources.nodes=2", "distill.resources.tasks_per_node=2",  # student: 1 task, train: 4
         *overrides])
@@ -68,15 +79,18 @@ def test_fresh_pipeline_submits_every_step_once_each_after_the_step_before(tmp_p
     assert subs[0].after == ()
     for before, sub in zip(subs, subs[1:], strict=False):
         assert sub.after == (before.base_id,), f"{sub.name} should wait on {before.name}"
-    assert [s.is_array for s in subs] == [True, False, False, True, False, False, False, False]
-    assert [s.tasks for s in subs] == [3, 1, 1, 2, 1, 1, 1, 1]
-    assert [s.resources.tasks for s in subs] == [1, 1, 2, 1, 1, 1, 4, 1]  # single_task steps ask for one
+    assert [s.is_array for s in subs] == [True, True, False, True, False, False, True, False, False, False, False]
+    assert [s.tasks for s in subs] == [3, 2, 1, 3, 1, 1, 2, 1, 1, 1, 1]
+    assert [s.resources.tasks for s in subs] == [1, 1, 1, 1, 1, 2, 1, 1, 1, 4, 1]  # single_task steps ask for one
     assert [(s.stage, s.step) for s in subs] == [
-        ("shard", "map"), ("shard", "reduce"), ("cpt", "train"), ("teacher_logits", "compute"),
-        ("teacher_logits", "index"), ("distill", "student"), ("distill", "train"), ("report", "report")]
+        ("shard", "map"), ("shard", "dedup"), ("shard", "cluster"), ("shard", "pack"), ("shard", "finish"),
+        ("cpt", "train"), ("teacher_logits", "compute"), ("teacher_logits", "index"), ("distill", "student"),
+        ("distill", "train"), ("report", "report")]
     assert all(s.folder == run.log_dir(s.stage or "") for s in subs)
     assert all(Path(t.run_dir) == run.path for s in subs for t in s.spec.tasks)  # type: ignore[attr-defined]
     assert [t.element for t in fake.by_name("pipe.shard.map").spec.tasks] == [0, 1, 2]  # type: ignore[attr-defined]
+    assert [t.element for t in fake.by_name("pipe.shard.dedup").spec.tasks] == [0, 1]  # type: ignore[attr-defined]
+    assert [t.element for t in fake.by_name("pipe.shard.pack").spec.tasks] == [0, 1, 2]  # type: ignore[attr-defined]
 
     stages = stages_of(run)
     assert sorted(stages) == sorted(PIPELINE)
@@ -84,36 +98,50 @@ def test_fresh_pipeline_submits_every_step_once_each_after_the_step_before(tmp_p
         ids = [j for s in subs if s.stage == stage for j in s.job_ids]
         assert entry["status"] == "submitted" and entry["executor"] == "slurm", stage
         assert entry["job_ids"] == ids and entry["tasks_done"] == [] and entry["error"] is None, stage
-    assert stages["shard"]["job_ids"] == ["1000_0", "1000_1", "1000_2", "1001"]
+    assert stages["shard"]["job_ids"] == ["1000_0", "1000_1", "1000_2", "1001_0", "1001_1", "1002",
+                                          "1003_0", "1003_1", "1003_2", "1004"]
     # How many tasks report done before each stage counts as completed: every array element and process.
     assert {s: e["tasks"] for s, e in stages.items()} == {
-        "shard": 4, "cpt": 2, "teacher_logits": 3, "distill": 5, "report": 1}
+        "shard": 3 + 2 + 1 + 3 + 1, "cpt": 2, "teacher_logits": 3, "distill": 5, "report": 1}
     assert "shard.map: submitted as slurm job 1000_0, 1000_1, 1000_2" in out
+    assert "shard.dedup: submitted as slurm job 1001_0, 1001_1" in out
+    assert "shard.finish: submitted as slurm job 1004" in out
     assert fake.cancelled == []
 
 
-@pytest.mark.parametrize("tasks", [1, 3])
-def test_shard_reduce_is_one_process_after_the_whole_map_array(tmp_path: Path, tasks: int) -> None:
-    cfg, run = make_run(tmp_path, ["shard"], f"shard.tasks={tasks}",
+@pytest.mark.parametrize(("tasks", "buckets"), [(1, 1), (1, 2), (3, 1), (3, 2)])
+def test_shard_arrays_keep_the_stage_resources_and_cluster_and_finish_are_one_process_each_after_the_step_before(
+        tmp_path: Path, tasks: int, buckets: int) -> None:
+    cfg, run = make_run(tmp_path, ["shard"], f"shard.tasks={tasks}", f"shard.dedup.buckets={buckets}",
                         "shard.resources.nodes=2", "shard.resources.tasks_per_node=2")
     fake = FakeExecutor()
     run_launch(cfg, run, fake)
 
-    map_, reduce = fake.submissions
-    assert (map_.name, reduce.name) == ("pipe.shard.map", "pipe.shard.reduce")
-    assert map_.tasks == tasks and map_.is_array == (tasks > 1) and map_.after == ()
-    assert [t.element for t in map_.spec.tasks] == list(range(tasks))  # type: ignore[attr-defined]
-    assert reduce.after == ("1000",)  # the array's base id: afterok on every element
-    assert (reduce.resources.nodes, reduce.resources.tasks_per_node) == (1, 1)
-    assert (map_.resources.nodes, map_.resources.tasks_per_node) == (2, 2)  # the stage's own resources
+    map_, dedup, cluster, pack, finish = fake.submissions
+    assert fake.names == SHARD_JOBS
+    # map and pack: one element per shard task; dedup: one per bucket. An array of one is a plain job.
+    for array, size in ((map_, tasks), (dedup, buckets), (pack, tasks)):
+        assert array.tasks == size and array.is_array == (size > 1), array.name
+        assert [t.element for t in array.spec.tasks] == list(range(size)), array.name  # type: ignore[attr-defined]
+        assert (array.resources.nodes, array.resources.tasks_per_node) == (2, 2), array.name  # the stage's own
+    for single in (cluster, finish):
+        assert single.tasks == 1 and not single.is_array, single.name
+        assert [t.element for t in single.spec.tasks] == [None], single.name  # type: ignore[attr-defined]
+        assert (single.resources.nodes, single.resources.tasks_per_node) == (1, 1), single.name
+    # Each step waits on the whole step before it: an array's base id is afterok on every element.
+    assert map_.after == ()
+    assert dedup.after == ("1000",) and cluster.after == ("1001",) and pack.after == ("1002",)
+    assert finish.after == ("1003",)
     entry = stages_of(run)["shard"]
-    assert entry["job_ids"] == [*map_.job_ids, "1001"]
-    assert entry["tasks"] == tasks + 1
+    assert entry["job_ids"] == [j for s in fake.submissions for j in s.job_ids]
+    assert entry["job_ids"][-1] == "1004" and "1002" in entry["job_ids"]
+    assert entry["tasks"] == tasks + buckets + 1 + tasks + 1
 
 
 def test_completed_first_stage_is_skipped_and_the_next_waits_on_nothing(tmp_path: Path) -> None:
     cfg, run = make_run(tmp_path, ["shard", "cpt"])
-    run.update_stage("shard", status="completed", executor="slurm", job_ids=["900_0", "900_1", "901"], tasks=3)
+    run.update_stage("shard", status="completed", executor="slurm", tasks=10,
+                     job_ids=["900_0", "900_1", "900_2", "901_0", "901_1", "902", "903_0", "903_1", "903_2", "904"])
     before = stages_of(run)["shard"]
     fake = FakeExecutor()
     out = run_launch(cfg, run, fake)
@@ -131,33 +159,38 @@ def test_completed_stage_in_the_middle_is_skipped_and_the_next_waits_on_the_one_
     fake = FakeExecutor()
     run_launch(cfg, run, fake)
 
-    assert fake.names == ["pipe.shard.map", "pipe.shard.reduce", "pipe.report"]
-    assert fake.by_name("pipe.report").after == (fake.by_name("pipe.shard.reduce").base_id,)
+    assert fake.names == [*SHARD_JOBS, "pipe.report"]
+    assert fake.by_name("pipe.report").after == (fake.by_name("pipe.shard.finish").base_id,)
     assert "900" not in fake.by_name("pipe.report").after
     assert stages_of(run)["cpt"]["job_ids"] == ["900"]
 
 
-@pytest.mark.parametrize(("status", "map_state", "reduce_state", "after"), [
-    ("submitted", "PENDING", "PENDING", ("500", "501")),
-    ("running", "RUNNING", "PENDING", ("500", "501")),
-    ("running", "COMPLETED", "RUNNING", ("501",)),  # map done: cpt waits on the reduce alone
-    ("running", "COMPLETING", "REQUEUED", ("500", "501")),  # not terminal: Slurm will still run them
+ALL_OLD_SHARD = ("500", "501", "502", "503", "504")
+
+
+@pytest.mark.parametrize(("status", "step_states", "after"), [
+    # states of map, dedup, cluster, pack, finish
+    ("submitted", ("PENDING", "PENDING", "PENDING", "PENDING", "PENDING"), ALL_OLD_SHARD),
+    ("running", ("RUNNING", "PENDING", "PENDING", "PENDING", "PENDING"), ALL_OLD_SHARD),
+    ("running", ("COMPLETED", "COMPLETED", "RUNNING", "PENDING", "PENDING"), ("502", "503", "504")),
+    ("running", ("COMPLETED", "COMPLETED", "COMPLETED", "COMPLETED", "RUNNING"), ("504",)),  # cpt waits on finish
+    ("running", ("COMPLETING", "REQUEUED", "REQUEUED", "PENDING", "PENDING"), ALL_OLD_SHARD),  # not terminal
 ])
 def test_queued_or_running_stage_is_left_alone_and_the_next_stage_chains_on_its_live_jobs(
-        tmp_path: Path, status: str, map_state: str, reduce_state: str, after: tuple[str, ...]) -> None:
+        tmp_path: Path, status: str, step_states: tuple[str, ...], after: tuple[str, ...]) -> None:
     cfg, run = make_run(tmp_path, ["shard", "cpt"], "shard.tasks=2")
-    run.update_stage("shard", status=status, executor="slurm", job_ids=["500_0", "500_1", "501"], tasks=3)
+    run.update_stage("shard", status=status, executor="slurm", job_ids=OLD_SHARD_IDS, tasks=SHARD_TASKS)
     before = stages_of(run)["shard"]
     fake = FakeExecutor()
-    for job_id in ("500_0", "500_1"):
-        fake.set_state(job_id, map_state)
-    fake.set_state("501", reduce_state)
+    for ids, state in zip(OLD_SHARD.values(), step_states, strict=True):
+        for job_id in ids:
+            fake.set_state(job_id, state)
     out = run_launch(cfg, run, fake)
 
     assert fake.names == ["pipe.cpt.train"]
     assert fake.by_name("pipe.cpt.train").after == after
     assert stages_of(run)["shard"] == before
-    assert ("500_0", "500_1", "501") in fake.state_queries
+    assert tuple(OLD_SHARD_IDS) in fake.state_queries
     assert "already queued or running, not resubmitted" in out
 
 
@@ -187,22 +220,23 @@ def test_launching_again_while_everything_is_queued_submits_nothing(tmp_path: Pa
 def test_failed_or_ended_stage_is_resubmitted_from_a_clean_entry(tmp_path: Path, status: str,
                                                                  sched: str | None) -> None:
     cfg, run = make_run(tmp_path, ["shard", "cpt"], "shard.tasks=2")
-    run.update_stage("shard", status=status, executor="slurm", job_ids=["500_0", "500_1", "501"], tasks=3,
+    run.update_stage("shard", status=status, executor="slurm", job_ids=OLD_SHARD_IDS, tasks=SHARD_TASKS,
                      error="map/element-0: ValueError: boom" if status == "failed" else None)
     run.update_stage("shard", task_done="map/element-1")
     fake = FakeExecutor()
     if sched is not None:
-        for job_id in ("500_0", "500_1", "501"):
+        for job_id in OLD_SHARD_IDS:
             fake.set_state(job_id, sched)
     run_launch(cfg, run, fake)
 
-    assert fake.names == ["pipe.shard.map", "pipe.shard.reduce", "pipe.cpt.train"]
+    assert fake.names == [*SHARD_JOBS, "pipe.cpt.train"]
     assert fake.by_name("pipe.shard.map").after == ()  # nothing of the old submission is waited on
-    assert fake.by_name("pipe.cpt.train").after == ("1001",)
+    assert fake.by_name("pipe.cpt.train").after == ("1004",)  # the new finish job
     entry = stages_of(run)["shard"]
     assert entry["status"] == "submitted" and entry["error"] is None
-    assert entry["job_ids"] == ["1000_0", "1000_1", "1001"]  # the new ids only
-    assert entry["tasks_done"] == [] and entry["tasks"] == 3
+    assert entry["job_ids"] == NEW_SHARD_IDS  # the new ids only
+    assert entry["past_job_ids"] == OLD_SHARD_IDS
+    assert entry["tasks_done"] == [] and entry["tasks"] == SHARD_TASKS
 
 
 @pytest.mark.parametrize(("recorded", "kind"), [("local", "slurm"), ("slurm", "local")])
@@ -219,21 +253,23 @@ def test_jobs_recorded_by_another_executor_kind_are_not_live(tmp_path: Path, rec
     assert entry["executor"] == kind and entry["job_ids"] == ["1000"]
 
 
-def test_refused_later_step_marks_the_stage_failed_and_reraises(tmp_path: Path) -> None:
+@pytest.mark.parametrize("refused", [1, 2, 3, 4])  # dedup, cluster, pack, finish
+def test_refused_later_step_marks_the_stage_failed_and_reraises(tmp_path: Path, refused: int) -> None:
     cfg, run = make_run(tmp_path, ["shard", "cpt"], "shard.tasks=2")
     fake = FakeExecutor()
-    fake.refuse("pipe.shard.reduce", "sbatch: error: invalid partition specified: nope")
+    fake.refuse(SHARD_JOBS[refused], "sbatch: error: invalid partition specified: nope")
     with pytest.raises(SubmissionError, match="invalid partition"):
         run_launch(cfg, run, fake)
 
-    assert fake.names == ["pipe.shard.map"]  # cpt is never submitted
-    assert [s.name for s in fake.refused] == ["pipe.shard.reduce"]
-    assert fake.refused[0].after == ("1000",)
+    assert fake.names == SHARD_JOBS[:refused]  # nothing after the refused step, and cpt is never submitted
+    assert [s.name for s in fake.refused] == [SHARD_JOBS[refused]]
+    assert fake.refused[0].after == (str(1000 + refused - 1),)  # the step just before
     stages = stages_of(run)
     assert list(stages) == ["shard"]
     entry = stages["shard"]
     assert entry["status"] == "failed" and "invalid partition specified: nope" in entry["error"]
-    assert entry["finished_at"] and entry["job_ids"] == ["1000_0", "1000_1"]  # the map that did go in
+    # the steps that did go in
+    assert entry["finished_at"] and entry["job_ids"] == [j for ids in NEW_SHARD[:refused] for j in ids]
 
 
 def test_refused_first_step_of_a_later_stage_leaves_the_earlier_stage_submitted(tmp_path: Path) -> None:
@@ -247,12 +283,12 @@ def test_refused_first_step_of_a_later_stage_leaves_the_earlier_stage_submitted(
     assert stages["shard"]["status"] == "submitted"
     assert stages["cpt"]["status"] == "failed" and stages["cpt"]["job_ids"] == []
     assert "node configuration is not available" in stages["cpt"]["error"]
-    assert fake.refused[0].after == (fake.by_name("pipe.shard.reduce").base_id,)
+    assert fake.refused[0].after == (fake.by_name("pipe.shard.finish").base_id,)
 
     fake.accept("pipe.cpt.train")  # the cause fixed, launching again submits cpt only, after shard's live jobs
     run_launch(cfg, run, fake)
-    assert fake.names == ["pipe.shard.map", "pipe.shard.reduce", "pipe.cpt.train"]
-    assert fake.by_name("pipe.cpt.train").after == ("1000", "1001")
+    assert fake.names == [*SHARD_JOBS, "pipe.cpt.train"]
+    assert fake.by_name("pipe.cpt.train").after == ("1000", "1001", "1002", "1003", "1004")
     assert stages_of(run)["cpt"]["status"] == "submitted" and stages_of(run)["cpt"]["error"] is None
 
 
@@ -299,41 +335,66 @@ def test_waiting_on_jobs_that_end_without_every_task_reporting_fails_the_stage(t
 
 def test_resubmitting_a_stage_resubmits_later_stages_still_waiting_on_its_old_jobs(tmp_path: Path) -> None:
     cfg, run = make_run(tmp_path, ["shard", "cpt"], "shard.tasks=2")
-    # A map element failed; Slurm keeps the reduce and cpt PENDING (DependencyNeverSatisfied) forever.
-    run.update_stage("shard", status="failed", executor="slurm", job_ids=["500_0", "500_1", "501"], tasks=3,
-                     error="map/element-0: ValueError: boom")
-    run.update_stage("cpt", status="submitted", executor="slurm", job_ids=["502"], tasks=2)
+    # A pack element failed; Slurm keeps the finish and cpt PENDING (DependencyNeverSatisfied) forever.
+    run.update_stage("shard", status="failed", executor="slurm", job_ids=OLD_SHARD_IDS, tasks=SHARD_TASKS,
+                     error="pack/element-0: ValueError: boom")
+    run.update_stage("cpt", status="submitted", executor="slurm", job_ids=["505"], tasks=2)
     fake = FakeExecutor()
-    fake.set_state("500_0", "FAILED")
-    fake.set_state("500_1", "COMPLETED")
-    fake.set_state("501", NEVER_SATISFIED)  # what squeue's reason says of the reduce
-    fake.set_state("502", "PENDING")  # cpt waits on the reduce: dead too once shard is resubmitted
+    for job_id in [*OLD_SHARD["map"], *OLD_SHARD["dedup"], *OLD_SHARD["cluster"]]:
+        fake.set_state(job_id, "COMPLETED")
+    fake.set_state("503_0", "FAILED")
+    fake.set_state("503_1", "COMPLETED")
+    fake.set_state("504", NEVER_SATISFIED)  # what squeue's reason says of the finish
+    fake.set_state("505", "PENDING")  # cpt waits on the finish: dead too once shard is resubmitted
     out = run_launch(cfg, run, fake)
 
-    assert fake.names == ["pipe.shard.map", "pipe.shard.reduce", "pipe.cpt.train"]
-    assert fake.by_name("pipe.cpt.train").after == (fake.by_name("pipe.shard.reduce").base_id,)
-    assert fake.cancelled == ["501", "502"]  # nothing is left pending on a dead job
-    assert fake.state_of("501") == fake.state_of("502") == "CANCELLED"
+    assert fake.names == [*SHARD_JOBS, "pipe.cpt.train"]
+    assert fake.by_name("pipe.cpt.train").after == (fake.by_name("pipe.shard.finish").base_id,)
+    assert fake.cancelled == ["504", "505"]  # nothing is left pending on a dead job
+    assert fake.state_of("504") == fake.state_of("505") == "CANCELLED"
     stages = stages_of(run)
-    assert stages["shard"]["past_job_ids"] == ["500_0", "500_1", "501"]  # never dropped
-    assert stages["cpt"]["past_job_ids"] == ["502"] and stages["cpt"]["job_ids"] == ["1002"]
-    assert "cpt: cancelled jobs 502, which waited on jobs of an earlier stage that was resubmitted" in out
+    assert stages["shard"]["past_job_ids"] == OLD_SHARD_IDS  # never dropped
+    assert stages["shard"]["job_ids"] == NEW_SHARD_IDS
+    assert stages["cpt"]["past_job_ids"] == ["505"] and stages["cpt"]["job_ids"] == ["1005"]
+    assert "cpt: cancelled jobs 505, which waited on jobs of an earlier stage that was resubmitted" in out
 
 
 def test_an_element_failed_while_its_siblings_run_submits_nothing_and_keeps_their_ids(tmp_path: Path) -> None:
     cfg, run = make_run(tmp_path, ["shard", "cpt"], "shard.tasks=3")
-    ids = ["500_0", "500_1", "500_2", "501"]
-    run.update_stage("shard", status="failed", executor="slurm", job_ids=ids, tasks=4,
+    ids = ["500_0", "500_1", "500_2", "501_0", "501_1", "502", "503_0", "503_1", "503_2", "504"]
+    run.update_stage("shard", status="failed", executor="slurm", job_ids=ids, tasks=3 + 2 + 1 + 3 + 1,
                      error="map/element-0: ValueError: boom")
     fake = FakeExecutor()
-    for job_id, state in zip(ids, ("FAILED", "RUNNING", "RUNNING", "PENDING"), strict=True):
+    for job_id, state in zip(ids, ("FAILED", "RUNNING", "RUNNING", *["PENDING"] * 7), strict=True):
         fake.set_state(job_id, state)
     before = stages_of(run)
     out = run_launch(cfg, run, fake)
 
     assert fake.names == [] and fake.cancelled == []
     assert stages_of(run) == before  # the running elements' ids stay where cancel and status find them
-    assert "jobs 500_1, 500_2, 501 still run, so nothing is resubmitted" in out
+    # The later steps' PENDING jobs wait on the failed map: they never start, so only the map siblings run on.
+    assert "jobs 500_1, 500_2 still run, so nothing is resubmitted" in out
+
+
+def test_a_failed_map_element_resubmits_the_stage_though_only_the_dedup_is_marked_never_satisfied(
+        tmp_path: Path) -> None:
+    cfg, run = make_run(tmp_path, ["shard", "cpt"], "shard.tasks=2")
+    run.update_stage("shard", status="failed", executor="slurm", job_ids=OLD_SHARD_IDS, tasks=SHARD_TASKS,
+                     error="map/element-0: ValueError: boom")
+    fake = FakeExecutor()
+    fake.set_state("500_0", "FAILED")
+    fake.set_state("500_1", "COMPLETED")
+    for job_id in OLD_SHARD["dedup"]:
+        fake.set_state(job_id, NEVER_SATISFIED)  # Slurm marks only the jobs that wait on the failed one
+    for job_id in [*OLD_SHARD["cluster"], *OLD_SHARD["pack"], *OLD_SHARD["finish"]]:
+        fake.set_state(job_id, "PENDING")  # reason Dependency: they wait on the dedup, which never starts
+    out = run_launch(cfg, run, fake)
+
+    assert fake.names == [*SHARD_JOBS, "pipe.cpt.train"]
+    assert sorted(fake.cancelled) == sorted([*OLD_SHARD["dedup"], *OLD_SHARD["cluster"], *OLD_SHARD["pack"],
+                                             *OLD_SHARD["finish"]])
+    assert stages_of(run)["shard"]["job_ids"] == NEW_SHARD_IDS
+    assert "still run" not in out
 
 
 def test_a_progress_bar_at_the_end_of_a_failed_job_is_never_the_reason(tmp_path: Path) -> None:

@@ -1,7 +1,8 @@
 """What is checked before any job is submitted: value ranges when the config loads (a one-line ConfigError
 naming the key, or the override that set it), then the preflight: stage order, and every folder a stage
 reads made by an earlier stage of the run or there and whole. Model and shard folders are built by hand;
-the shard stage's own refusal of an empty output runs map and reduce in-process on tiny JSONL inputs."""
+the shard stage's own refusal of an empty output runs its steps (map, dedup, cluster, pack, finish) in-process on
+tiny JSONL inputs."""
 
 from __future__ import annotations
 
@@ -293,7 +294,7 @@ def test_distillation_from_this_runs_cache_reads_what_was_cached(world: World) -
 
 def test_earlier_dedup_rounds_must_be_finished_shard_folders(world: World) -> None:
     assert world.refused(["shard"], f"shard.dedup.previous={json.dumps([str(world.general)])}") == \
-        f"shard: shard.dedup.previous[0] '{world.general}' is not a finished shard folder (no dedup-index.arrow)"
+        f"shard: shard.dedup.previous[0] '{world.general}' is not a finished shard folder (no dedup-index/index.json)"
 
 
 def test_dry_run_runs_the_preflight(world: World, capsys: pytest.CaptureFixture[str]) -> None:
@@ -320,10 +321,9 @@ def shard_config(tmp_path: Path, tokenizer: Path, *overrides: str) -> tuple[Shar
 
 
 def run_shard(cfg: ShardConfig, out: Path) -> dict[str, object]:
-    from sharding.stage import map_files, reduce_shards
+    from sharding.reduce import run_all
 
-    map_files(cfg, out, 0, 1)
-    return reduce_shards(cfg, out, "data-hash")
+    return run_all(cfg, out, "data-hash")  # map, dedup, cluster, pack, finish: the finish refuses
 
 
 def test_a_shard_stage_that_keeps_no_document_fails_with_its_accounting(tmp_path: Path, tokenizer: Path) -> None:

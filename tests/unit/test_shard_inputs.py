@@ -1,5 +1,6 @@
-"""The shard stage is bound to the input files it started with: map and reduce run in-process on tiny JSONL
-inputs, and a file added, removed or changed between attempts (or after the stage completed) is refused by name."""
+"""The shard stage is bound to the input files it started with: its steps (map, dedup, cluster, pack, finish) run
+in-process on tiny JSONL inputs, and a file added, removed or changed between attempts (or after the stage completed)
+is refused by name."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ import sharding.stage as stage
 from launcher.run_config import load_run_config
 from sharding.config import ShardConfig
 from sharding.readers import expand_inputs
-from sharding.stage import COMPLETE, map_files, reduce_shards, work_paths
+from sharding.reduce import CLUSTER, cluster_pairs, dedup_bucket, finish, pack_step
+from sharding.stage import COMPLETE, WORK, map_files, work_files
 from sharding.tokenize import train_bpe_tokenizer
 
 WORDS = ["amber", "basalt", "cedar", "delta", "ember", "fjord", "garnet", "harbor", "iris", "juniper", "kelp", "lagoon",
@@ -47,13 +49,25 @@ def config(inputs: Path, tokenizer: Path) -> ShardConfig:
 
 
 def shard_files(out: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.is_file()}
+    """Every file of the stage folder (the dedup index's parts too), by its path inside it."""
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+def after_map(cfg: ShardConfig, out: Path) -> dict[str, object]:
+    """The steps after the map, as the launcher runs them: dedup for every bucket, cluster, pack for every
+    rank, finish; finish's stats."""
+    for bucket in range(cfg.dedup.buckets):
+        dedup_bucket(cfg, out, bucket)
+    cluster_pairs(cfg, out)
+    for rank in range(cfg.tasks):
+        pack_step(cfg, out, rank, cfg.tasks)
+    return finish(cfg, out, "data-hash")
 
 
 def run_stage(cfg: ShardConfig, out: Path, world: int = 2) -> dict[str, object]:
     for rank in range(world):
         map_files(cfg, out, rank, world)
-    return reduce_shards(cfg, out, "data-hash")
+    return after_map(cfg, out)
 
 
 def test_a_file_added_between_map_attempts_is_refused_by_name_and_nothing_is_lost(tmp_path: Path,
@@ -69,12 +83,20 @@ def test_a_file_added_between_map_attempts_is_refused_by_name_and_nothing_is_los
     message = str(refused.value)
     assert str(added) in message and "1 added" in message
     assert "no work file" in message and "shard.dedup.previous" in message and "run.name" in message
-    assert not work_paths(out, 1)[2].exists() and not work_paths(out, 2)[2].exists()  # b.jsonl never read
+    assert not work_files(out, 1).tally.exists() and not work_files(out, 2).tally.exists()  # b.jsonl never read
     with pytest.raises(ValueError, match="1 added"):
-        reduce_shards(cfg, out, "data-hash")  # the reduce checks too
+        cluster_pairs(cfg, out)  # the cluster step, which checks every input, refuses it too
     added.unlink()  # back to the recorded inputs: the stage finishes with every original document, once
     map_files(cfg, out, 1, 2)
-    stats = reduce_shards(cfg, out, "data-hash")
+    for bucket in range(cfg.dedup.buckets):
+        dedup_bucket(cfg, out, bucket)
+    added = write_jsonl(inputs / "b.jsonl", 20)  # added again once the map is done: the cluster step refuses it
+    with pytest.raises(ValueError) as refused:
+        cluster_pairs(cfg, out)
+    assert str(added) in str(refused.value) and "1 added" in str(refused.value)
+    assert not (out / WORK / CLUSTER).exists()  # nothing of the cluster step was written
+    added.unlink()
+    stats = after_map(cfg, out)
     assert stats["docs_in"] == stats["docs_kept"] == 12
 
 
@@ -89,9 +111,11 @@ def test_a_completed_stage_rerun_after_its_inputs_changed_is_refused(tmp_path: P
     write_jsonl(changed, 10, count=7)  # one more record: resized
     new = write_jsonl(inputs / "z.jsonl", 30)
     with pytest.raises(ValueError) as refused:
-        reduce_shards(cfg, out, "data-hash")
+        finish(cfg, out, "data-hash")
     message = str(refused.value)
     assert "1 added" in message and str(new) in message and "1 resized" in message and str(changed) in message
+    with pytest.raises(ValueError, match="1 resized"):
+        cluster_pairs(cfg, out)
     with pytest.raises(ValueError, match="1 resized"):
         map_files(cfg, out, 0, 2)
     with pytest.raises(ValueError, match="1 added"):
@@ -99,8 +123,8 @@ def test_a_completed_stage_rerun_after_its_inputs_changed_is_refused(tmp_path: P
     assert shard_files(out) == before  # the finished shards are left as they are
 
 
-def test_unchanged_inputs_rerun_every_element_and_the_reduce_to_identical_shards(tmp_path: Path,
-                                                                                  tokenizer: Path) -> None:
+def test_unchanged_inputs_rerun_every_element_and_the_later_steps_to_identical_shards(tmp_path: Path,
+                                                                                       tokenizer: Path) -> None:
     inputs = tmp_path / "in"
     for i in range(3):
         write_jsonl(inputs / f"part-{i}.jsonl", 10 * i)
@@ -116,14 +140,14 @@ def test_unchanged_inputs_rerun_every_element_and_the_reduce_to_identical_shards
     assert [(e["size"], e["mtime_ns"]) for e in recorded["files"]] == \
         [(os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in files]
     for i in range(len(files)):  # each tally names the file it was made from
-        assert json.loads(work_paths(out, i)[2].read_text())["source"] == recorded["files"][i]
-    work_paths(out, 1)[2].unlink()  # a killed attempt of element 1: its second attempt redoes that file
+        assert json.loads(work_files(out, i).tally.read_text())["source"] == recorded["files"][i]
+    work_files(out, 1).tally.unlink()  # a killed attempt of element 1: its second attempt redoes that file
     assert map_files(cfg, out, 0, 2) == {"files": 0}  # both of its files are done
     assert map_files(cfg, out, 1, 2) == {"files": 1}
-    stats = reduce_shards(cfg, out, "data-hash")
+    stats = after_map(cfg, out)
     assert stats["docs_in"] == stats["docs_kept"] == 18
     assert shard_files(out) == shard_files(reference)
-    assert reduce_shards(cfg, out, "data-hash") == stats  # a rerun of the completed stage: the same answer
+    assert after_map(cfg, out) == stats  # a rerun of the completed stage: the same answer
     assert map_files(cfg, out, 0, 2) == {"skipped": "stage already complete"}
     assert shard_files(out) == shard_files(reference)
 
@@ -203,7 +227,7 @@ def test_a_file_changed_while_it_is_read_gets_no_tally(tmp_path: Path, tokenizer
     monkeypatch.setattr(stage, "read_file", appending)
     with pytest.raises(ValueError, match="changed while it was read") as refused:
         map_files(cfg, out, 0, 1)
-    assert str(victim) in str(refused.value) and not work_paths(out, 0)[2].exists()
+    assert str(victim) in str(refused.value) and not work_files(out, 0).tally.exists()
     monkeypatch.undo()
     with pytest.raises(ValueError, match="1 resized"):  # and every later attempt sees it differs from the record
         map_files(cfg, out, 0, 1)
@@ -235,7 +259,7 @@ def test_a_rerun_of_a_completed_run_whose_inputs_changed_is_refused_before_anyth
 def test_a_map_element_stats_only_its_own_files_once_the_list_is_recorded(
         tmp_path: Path, tokenizer: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """N files cost N/world stats per element, not N; a change to another element's file is still caught by
-    that element, and by the reduce, which checks every file."""
+    that element, and by the cluster step, which checks every file."""
     inputs, out = tmp_path / "in", tmp_path / "out"
     inputs.mkdir()
     out.mkdir()
@@ -254,4 +278,6 @@ def test_a_map_element_stats_only_its_own_files_once_the_list_is_recorded(
     with pytest.raises(stage.InputsChanged, match=r"1 resized \(.*6\.jsonl"):
         stage.bind_inputs(cfg, out, own=lambda i: i % 4 == 2)
     with pytest.raises(stage.InputsChanged, match=r"1 resized"):
-        stage.bind_inputs(cfg, out)  # the reduce
+        stage.bind_inputs(cfg, out)  # as the cluster step binds them: every file
+    with pytest.raises(stage.InputsChanged, match=r"1 resized \(.*6\.jsonl"):
+        cluster_pairs(cfg, out)

@@ -14,9 +14,9 @@ from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import Whitespace
 
 from sharding.config import ShardConfig
-from sharding.dedup import DedupIndex
-from sharding.packing import pack_and_write
+from sharding.packing import pack_group
 from sharding.shards import Manifest, ManifestError, ShardInfo, ShardReader, ShardWriter, sha256_file, token_dtype
+from sharding.stage import TOKENS_SCHEMA
 from sharding.tokenize import Packer, TokenizerError, load_tokenizer, train_bpe_tokenizer
 from training.data import DataError, OpenedSource
 
@@ -193,19 +193,23 @@ def test_sparse_ids_above_65535_get_uint32_shards_and_round_trip(tmp_path: Path)
     docs = ["a rare a", "rare rare a rare", "a a a rare a"] * 10
     ids = [np.array(e.ids, np.uint32) for e in tokenizer.encode_batch(docs)]
     assert info.vocab_size == 4 and ids[0].tolist() == [2, 70000, 2]
-    work = tmp_path / "work.tokens.arrow"
+    work = tmp_path / "000000.tokens.arrow"  # a tokens work file as the map writes it
     offsets = np.cumsum([0] + [len(i) for i in ids])
-    with pa.ipc.new_file(str(work), pa.schema([("record", pa.int64()), ("tokens", pa.large_list(pa.uint32()))])) as w:
-        w.write_batch(pa.record_batch({"record": pa.array(range(len(ids)), pa.int64()), "tokens": pa.LargeListArray
-                                       .from_arrays(pa.array(offsets, pa.int64()), pa.array(np.concatenate(ids)))}))
+    with pa.ipc.new_file(str(work), TOKENS_SCHEMA) as w:
+        w.write_batch(pa.record_batch({"record": pa.array(range(len(ids)), pa.int64()),
+                                       "val": pa.array([False] * len(ids)),
+                                       "tokens": pa.LargeListArray.from_arrays(pa.array(offsets, pa.int64()),
+                                                                               pa.array(np.concatenate(ids)))},
+                                      schema=TOKENS_SCHEMA))
     n = len(ids)
-    current = DedupIndex(np.zeros(n, "V16"), np.zeros((n, 1), np.uint32), np.zeros(n, np.int64),
-                         np.arange(n, dtype=np.int64), np.zeros(n, bool), {})
     out = tmp_path / "out"
     out.mkdir()
-    manifest, _ = pack_and_write(ShardConfig(seq_len=4), out, current, np.ones(n, bool), info, "h", [work])
-    assert manifest.dtype == "uint32"
-    stored = np.concatenate([ShardReader(out / s.path).batch(0).reshape(-1) for s in manifest.split_shards("train")])
+    dtype = token_dtype(info.id_bound)  # what the finish step writes into the manifest
+    assert dtype == np.uint32
+    packed = pack_group(ShardConfig(seq_len=4), out, 0, [(work, np.ones(n, bool))], info.eos_id, dtype)
+    train = [ShardInfo(**s) for s in packed["shards"] if s["split"] == "train"]
+    assert train and train[0].path == "train-00000-00000.arrow" and packed["tokens"]["train"]["docs"] == n
+    stored = np.concatenate([ShardReader(out / s.path).batch(0).reshape(-1) for s in train])
     expected = np.concatenate([np.append(i, info.eos_id) for i in ids])
     assert stored.dtype == np.uint32 and np.array_equal(stored, expected[: len(stored)]) and stored.max() == 70000
 
