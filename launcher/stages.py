@@ -171,6 +171,18 @@ def _teacher_logits_inputs(cfg: RunConfig, layout: RunLayout) -> tuple[Path, Pat
     return teacher, source
 
 
+def _teacher_logits_plan(cfg: RunConfig) -> tuple[int, int] | None:
+    """(samples, seed) of the stream rows to cache: what this run's distillation reads (steps x global batch),
+    or teacher_logits.samples when set; None (every train row) for a cache made without a distillation to plan
+    for."""
+    d = cfg.distill
+    if cfg.teacher_logits.samples:
+        return cfg.teacher_logits.samples, d.data.seed
+    if "distill" not in cfg.run.stages:
+        return None
+    return d.steps * d.engine.micro_batch * d.engine.grad_accum * d.resources.tasks, d.data.seed
+
+
 def _teacher_logits_preflight(cfg: RunConfig) -> None:
     teacher, source = _teacher_logits_inputs(cfg, preflight_layout(cfg))
     key = "teacher_logits.teacher" + ("" if cfg.teacher_logits.teacher else ' ("": this run\'s cpt export)')
@@ -186,14 +198,15 @@ def _teacher_logits_compute(cfg: RunConfig, layout: RunLayout, env: TaskEnv, ele
     from training.teacher_logits import compute
 
     teacher, tokens = _teacher_logits_inputs(cfg, layout)
-    return compute(cfg.teacher_logits, teacher, tokens, layout.stage("teacher_logits"), element or 0)
+    return compute(cfg.teacher_logits, teacher, tokens, layout.stage("teacher_logits"), element or 0,
+                   _teacher_logits_plan(cfg))
 
 
 def _teacher_logits_index(cfg: RunConfig, layout: RunLayout, env: TaskEnv, element: int | None) -> Any:
     from training.teacher_logits import index
 
     teacher, tokens = _teacher_logits_inputs(cfg, layout)
-    return index(cfg.teacher_logits, teacher, tokens, layout.stage("teacher_logits"))
+    return index(cfg.teacher_logits, teacher, tokens, layout.stage("teacher_logits"), _teacher_logits_plan(cfg))
 
 
 def _distill_student(cfg: RunConfig, layout: RunLayout, env: TaskEnv, element: int | None) -> Any:

@@ -42,6 +42,7 @@ class DataConfig:
     split: str = "train"  # which split of every source to train on
     verify_hashes: bool = False  # also sha256 every shard at start (reads all data); always: sizes, each batch's XXH3
     max_open_shards: int = 64  # shard readers open per source (LRU): a file handle + ~1 MiB decoded batch each
+    prefetch: bool = True  # read the next micro-batch in a background thread while the current one trains
 
     def __post_init__(self) -> None:
         for name in ("weights", "names"):
@@ -194,6 +195,9 @@ class TeacherLogitsConfig:
     k: int = 64  # logits kept per position (the rest of the distribution is dropped)
     batch: int = 8  # sequences per teacher forward pass
     tasks: int = 2  # job array elements; each takes every tasks-th token shard
+    samples: int = 0  # stream samples to cache (0: distill.steps x its global batch in a run with distill, else all)
 
     def __post_init__(self) -> None:
         _at_least(self, 1, "k", "batch", "tasks")
+        if self.samples < 0:
+            raise ValueError(f"samples must not be negative, got {self.samples}")

@@ -292,12 +292,12 @@ class MixedStream:
               accum: int) -> tuple[np.ndarray, list[tuple[int, int]]]:
         """Rank `rank`'s micro-batch `micro` of step `step` of a run whose global batch never changed
         (step t starts at sample t*G): (B, seq_len) int64 token ids and their (source, row)s. Stateless."""
-        return self._slot(step * world * micro_batch * accum, micro, rank, world, micro_batch, accum)
+        return self.slot(step * world * micro_batch * accum, micro, rank, world, micro_batch, accum)
 
     def next_batch(self, micro: int, rank: int, world: int, micro_batch: int,
                    accum: int) -> tuple[np.ndarray, list[tuple[int, int]]]:
         """Like `batch`, for the step starting at `consumed`; call `advance` after each optimizer step."""
-        return self._slot(self.consumed, micro, rank, world, micro_batch, accum)
+        return self.slot(self.consumed, micro, rank, world, micro_batch, accum)
 
     def advance(self, samples: int) -> None:
         """Mark one optimizer step done: `samples` = its global batch W*B*A, the same on every rank."""
@@ -305,7 +305,7 @@ class MixedStream:
             raise ValueError(f"cannot advance by {samples} samples")
         self.consumed += samples
 
-    def _slot(self, first: int, micro: int, rank: int, world: int, micro_batch: int,
+    def slot(self, first: int, micro: int, rank: int, world: int, micro_batch: int,
               accum: int) -> tuple[np.ndarray, list[tuple[int, int]]]:
         if min(world, micro_batch, accum) < 1 or not (0 <= micro < accum and 0 <= rank < world):
             raise ValueError(f"need 0 <= micro < accum and 0 <= rank < world, all sizes >= 1; got micro={micro} "

@@ -16,7 +16,7 @@ from training.engine import load_model, setup_distributed
 from training.kd import kd_loss, kd_loss_topk
 from training.loop import Objective, TrainPaths, train
 from training.student import block_influence, check_same_vocab, choose_layers_by_influence, student_from_teacher
-from training.teacher_logits import TopkCache
+from training.teacher_logits import TopkCache, planned_rows
 
 
 def prepare_student(cfg: DistillConfig) -> dict[str, Any]:
@@ -86,7 +86,12 @@ def distill(cfg: DistillConfig, paths: TrainPaths, env: TaskEnv, config_sha256: 
     if cfg.topk_cache:
         if len(cfg.data.sources) != 1:
             raise ValueError("distill.topk_cache is aligned with one token source; give exactly one in data.sources")
-        cache = TopkCache(Path(cfg.topk_cache), OpenedSource(cfg.data.sources[0]), teacher_dir)
+        tokens = OpenedSource(cfg.data.sources[0])
+        cache = TopkCache(Path(cfg.topk_cache), tokens, teacher_dir)
+        # Before any engine starts: every row the planned steps read (at this world size) must be in the cache.
+        batch = cfg.engine.micro_batch * cfg.engine.grad_accum * env.world_size
+        cache.refuse_missing(planned_rows(tokens, (cfg.steps * batch, cfg.data.seed)),
+                             f"distillation of {cfg.steps} steps x {batch} samples")
 
         def loss(engine: Any, input_ids: torch.Tensor, ids: list[tuple[int, int]]) -> torch.Tensor:
             values, indices = cache.batch([row for _, row in ids])

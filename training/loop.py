@@ -34,6 +34,7 @@ from training.engine import build_engine, deepspeed_config, load_model, model_fi
 from training.evaluate import EarlyStopping, evaluate
 from training.export import ExportInterrupted, export_model
 from training.metrics import MetricsLog
+from training.prefetch import Prefetcher
 from training.rng import restore_rng, rng_file
 from training.schedule import lr_at
 from training.stop import REQUEUE_EXIT_CODE, StopRequest
@@ -144,14 +145,15 @@ def _mean_across_ranks(value: torch.Tensor) -> float:
     return float(value.item())
 
 
-def _optimizer_step(engine: Any, objective: Objective, stream: MixedStream, lr: float, micro: int, accum: int,
-                    rank: int, world: int, device: torch.device) -> torch.Tensor:
+def _optimizer_step(engine: Any, objective: Objective, batches: Prefetcher, lr: float, micro: int, accum: int,
+                    world: int, device: torch.device) -> torch.Tensor:
     """One optimizer step over `accum` micro-batches; returns the step's mean loss on this rank."""
     for group in engine.optimizer.param_groups:
         group["lr"] = lr
     step_loss = torch.zeros((), device=device)
+    stream = batches.stream
     for m in range(accum):
-        rows, ids = stream.next_batch(m, rank, world, micro, accum)
+        rows, ids = batches.next_batch(m)  # the next one is read meanwhile, in a background thread
         loss = objective.loss(engine, torch.from_numpy(rows).to(device), ids)
         engine.backward(loss)
         # DeepSpeed counts micro-batches: engine.step() steps the optimizer (and zeroes the gradients) only at
@@ -305,9 +307,10 @@ def _train(cfg: TrainConfig, paths: TrainPaths, env: TaskEnv, objective: Objecti
     # --- the loop: one iteration per optimizer step ---------------------------------------------------------------
     last_save, started, step_tokens = time.monotonic(), time.monotonic(), micro * accum * world * data.seq_len
     start_step, stopped = state.step, None
+    batches = Prefetcher(data.stream, rank, world, micro, accum, enabled=cfg.data.prefetch)
     while state.step < cfg.steps and stopped is None:
         lr = lr_at(state.step, cfg.optim, cfg.steps)
-        step_loss = _optimizer_step(engine, objective, data.stream, lr, micro, accum, rank, world, device)
+        step_loss = _optimizer_step(engine, objective, batches, lr, micro, accum, world, device)
         state.step += 1
         state.tokens += step_tokens
         if state.step == start_step + 1:
@@ -331,6 +334,7 @@ def _train(cfg: TrainConfig, paths: TrainPaths, env: TaskEnv, objective: Objecti
         if requested:
             _leave(stop, log, rank, cfg, requested, "checkpoint saved")
 
+    batches.close()
     # --- export: a stop signal during the final save or the export requeues; the next attempt exports ------------
     if requested := stop.agree(device):
         _leave(stop, log, rank, cfg, requested, "final checkpoint saved")

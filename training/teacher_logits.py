@@ -1,9 +1,17 @@
-"""The teacher-logits stage: run the teacher once over the training shards and cache its top-k logits.
+"""The teacher-logits stage: run the teacher once over the training rows a distillation will read and cache
+its top-k logits.
 
-For every token shard `train-NNNNN.arrow` the cache holds `train-NNNNN.values.arrow` (float16) and
-`train-NNNNN.indices.arrow` (int32), one row per token row, each row the (seq_len, k) top-k of the
-teacher's logits flattened, in the shard format of `sharding/shards.py` (so the same reader, the
-same checksums). Array element e computes the token shards i with i % tasks == e; each output file
+Which rows: those of the first `samples` samples of the training stream (`MixedStream` over the one token source,
+with the distillation's seed), known before training; `samples` = distill.steps x its global batch in a run
+that distils, so a distillation of 10 B tokens from a 150 B-token source caches 10 B tokens' worth, not 150 B.
+Without a plan (a cache made on its own) every train row. The rows, sorted, are `rows.u64` in the cache, listed
+in the manifest with their sha256; a distillation refuses, naming it, a row the cache lacks.
+
+For every token shard `train-NNNNN.arrow` holding a planned row the cache holds `train-NNNNN.values.arrow`
+(float16) and `train-NNNNN.indices.arrow` (uint16 when the teacher's vocabulary fits, else int32), one row per
+planned token row, each row the (seq_len, k) top-k of the teacher's logits flattened, in the shard format of
+`sharding/shards.py` (so the same reader, the same checksums). Array element e computes the token shards i with
+i % tasks == e; each output file
 is written under a temporary name and renamed, then its ShardInfo, as `ShardWriter.close()` returns
 it, is published beside it as `train-NNNNN.values.json` (the output's completion record: a requeued
 element skips the shards whose two records exist). The index step builds the cache's manifest from
@@ -14,6 +22,7 @@ cache refuses it when any of these does not match its training data or its teach
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict
 from pathlib import Path
@@ -25,11 +34,27 @@ import torch
 from common.publish import COMPLETE, publish_bytes, publish_json
 from sharding.shards import Manifest, ShardInfo, ShardWriter
 from training.config import TeacherLogitsConfig
-from training.data import DataError, OpenedSource
+from training.data import DataError, MixedStream, OpenedSource
 from training.engine import load_model, model_fingerprint, shared_weights_fingerprint, weights_fingerprint
 from training.kd import topk_logits
 
 SPLITS = ("topk_values", "topk_indices")  # the cache's two splits, in the order of _outputs
+ROWS = "rows.u64"  # the token rows the cache holds, sorted
+
+
+def planned_rows(tokens: OpenedSource, plan: tuple[int, int] | None) -> np.ndarray:
+    """Sorted token rows of the first `samples` samples of the stream with `seed` (plan = (samples, seed)); every
+    row without a plan. An epoch is a permutation of the rows: from one epoch on, every row."""
+    if plan is None or plan[0] >= tokens.rows:
+        return np.arange(tokens.rows, dtype=np.int64)
+    samples, seed = plan
+    stream = MixedStream([tokens], seed=seed)
+    return np.unique(np.fromiter((stream.sample_id(k)[1] for k in range(samples)), np.int64, count=samples))
+
+
+def index_dtype(vocab: int) -> np.dtype[Any]:
+    """uint16 for a vocabulary of at most 65,536 entries (a third less cache than int32), else int32."""
+    return np.dtype(np.uint16) if vocab <= 1 << 16 else np.dtype(np.int32)
 
 
 def _outputs(out: Path, shard: ShardInfo) -> tuple[Path, Path]:
@@ -61,8 +86,9 @@ def _recorded(output: Path, split: str, rows: int) -> ShardInfo:
     return info
 
 
-def compute(cfg: TeacherLogitsConfig, teacher: Path, source: Path, out: Path, element: int) -> dict[str, Any]:
-    """Array element `element`: the top-k logits of its token shards."""
+def compute(cfg: TeacherLogitsConfig, teacher: Path, source: Path, out: Path, element: int,
+            plan: tuple[int, int] | None = None) -> dict[str, Any]:
+    """Array element `element`: the top-k logits of the planned rows of its token shards."""
     if (out / COMPLETE).exists():
         return {"skipped": "cache complete"}
     manifest = Manifest.load(source)
@@ -72,22 +98,24 @@ def compute(cfg: TeacherLogitsConfig, teacher: Path, source: Path, out: Path, el
     if cfg.k > vocab:
         raise ValueError(f"k = {cfg.k} exceeds the teacher's vocabulary of {vocab}")
     tokens = OpenedSource(source, "train")
+    planned = planned_rows(tokens, plan)
     done = 0
     for i, shard in enumerate(manifest.split_shards("train")):
         values_path, indices_path = _outputs(out, shard)
-        if i % cfg.tasks != element or (_record(values_path).exists() and _record(indices_path).exists()):
+        mine = planned[np.searchsorted(planned, tokens.starts[i]):np.searchsorted(planned, tokens.starts[i + 1])]
+        if i % cfg.tasks != element or not len(mine) or (_record(values_path).exists() and
+                                                         _record(indices_path).exists()):
             continue
-        first = tokens.starts[i]
         width = manifest.seq_len * cfg.k
         values = ShardWriter(values_path, width, np.dtype(np.float16), SPLITS[0])
-        indices = ShardWriter(indices_path, width, np.dtype(np.int32), SPLITS[1])
-        for start in range(0, shard.rows, cfg.batch):
-            rows = [tokens.get(first + r) for r in range(start, min(start + cfg.batch, shard.rows))]
+        indices = ShardWriter(indices_path, width, index_dtype(vocab), SPLITS[1])
+        for start in range(0, len(mine), cfg.batch):
+            rows = [tokens.get(int(r)) for r in mine[start:start + cfg.batch]]
             batch = torch.from_numpy(np.stack(rows).astype(np.int64)).to(device)
             with torch.no_grad():
                 top_values, top_indices = topk_logits(model(input_ids=batch).logits.float(), cfg.k)
             values.write(top_values.cpu().numpy().reshape(len(rows), width))
-            indices.write(top_indices.to(torch.int32).cpu().numpy().reshape(len(rows), width))
+            indices.write(top_indices.cpu().numpy().astype(indices.dtype).reshape(len(rows), width))
         for writer in (values, indices):
             # Only close() knows the whole ShardInfo (its checksums were taken as the batches were written);
             # the record is published after the file, so it exists only for a whole one.
@@ -96,7 +124,8 @@ def compute(cfg: TeacherLogitsConfig, teacher: Path, source: Path, out: Path, el
     return {"shards": done}
 
 
-def index(cfg: TeacherLogitsConfig, teacher: Path, source: Path, out: Path) -> dict[str, Any]:
+def index(cfg: TeacherLogitsConfig, teacher: Path, source: Path, out: Path,
+          plan: tuple[int, int] | None = None) -> dict[str, Any]:
     """The single last task: the cache's manifest from the outputs' records, then COMPLETE.
 
     It also hashes the teacher's weights (one read of them: 16 GB for 8B in bf16, see weights_fingerprint), so
@@ -106,15 +135,24 @@ def index(cfg: TeacherLogitsConfig, teacher: Path, source: Path, out: Path) -> d
         _remove_records(out)  # left by a kill between COMPLETE and their removal
         return {"skipped": "cache complete"}
     tokens = Manifest.load(source)
-    infos = [_recorded(path, split, shard.rows) for shard in tokens.split_shards("train")
+    opened = OpenedSource(source, "train")
+    planned = planned_rows(opened, plan)
+    per_shard = np.diff(np.searchsorted(planned, opened.starts))  # planned rows in each token shard
+    infos = [_recorded(path, split, int(rows)) for shard, rows in zip(tokens.split_shards("train"), per_shard,
+                                                                      strict=True) if rows
              for path, split in zip(_outputs(out, shard), SPLITS, strict=True)]
+    rows_data = planned.astype("<u8").tobytes()
+    publish_bytes(out / ROWS, rows_data)
     manifest = Manifest(seq_len=tokens.seq_len * cfg.k, dtype="float16", tokenizer_sha256=tokens.tokenizer_sha256,
                         tokenizer_path=tokens.tokenizer_path, eos_id=tokens.eos_id, config_sha256=tokens.config_sha256,
                         shards=tuple(infos), extra={
                             "k": cfg.k, "token_seq_len": tokens.seq_len, "token_manifest_sha256": tokens.sha256(),
                             "token_shards": [s.sha256 for s in tokens.split_shards("train")],
                             "teacher": str(teacher), "teacher_fingerprint": model_fingerprint(str(teacher)),
-                            "teacher_weights": weights_fingerprint(teacher)})
+                            "teacher_weights": weights_fingerprint(teacher),
+                            "rows": {"path": ROWS, "count": len(planned),
+                                     "sha256": hashlib.sha256(rows_data).hexdigest(),
+                                     "plan": None if plan is None else {"samples": plan[0], "seed": plan[1]}}})
     manifest.save(out)
     publish_bytes(out / COMPLETE, f"{manifest.sha256()}\n".encode())
     _remove_records(out)
@@ -154,12 +192,43 @@ class TopkCache:
             raise DataError(f"teacher top-k cache {folder} was made with other weights than those of the teacher "
                             f"{teacher} now (same config, weights fingerprint differs); rerun the teacher_logits "
                             "stage")
-        self.k, self.seq_len = int(extra["k"]), int(extra["token_seq_len"])
+        self.folder, self.k, self.seq_len = folder, int(extra["k"]), int(extra["token_seq_len"])
+        self.plan = extra.get("rows", {}).get("plan")
+        self.rows = self._rows(folder, extra, tokens)
         self.values = OpenedSource(folder, "topk_values")
         self.indices = OpenedSource(folder, "topk_indices")
 
+    @staticmethod
+    def _rows(folder: Path, extra: dict[str, Any], tokens: OpenedSource) -> np.ndarray:
+        listed = extra.get("rows")
+        if listed is None:  # a cache of before the plan: every train row, in order
+            return np.arange(tokens.rows, dtype=np.int64)
+        data = (folder / listed["path"]).read_bytes()
+        if hashlib.sha256(data).hexdigest() != listed["sha256"]:
+            raise DataError(f"teacher top-k cache {folder}: {listed['path']} differs from its manifest (damaged or "
+                            "replaced); rerun the teacher_logits stage")
+        return np.frombuffer(data, "<u8").astype(np.int64)
+
+    def missing(self, rows: np.ndarray) -> np.ndarray:
+        """The rows of `rows` (token rows) the cache does not hold."""
+        at = np.minimum(np.searchsorted(self.rows, rows), max(len(self.rows) - 1, 0))
+        return rows[(self.rows[at] != rows) if len(self.rows) else np.ones(len(rows), bool)]
+
+    def refuse_missing(self, rows: np.ndarray, why: str) -> None:
+        """DataError naming the first row of `rows` the cache lacks (`why`: what reads them)."""
+        if len(lacking := self.missing(rows)):
+            made = "every train row" if self.plan is None else \
+                f"the first {self.plan['samples']:,} samples of the stream with seed {self.plan['seed']}"
+            raise DataError(f"teacher top-k cache {self.folder} lacks token row {int(lacking[0])} "
+                            f"({len(lacking):,} rows in all) that {why} reads: it holds {len(self.rows):,} rows, "
+                            f"{made}; rerun teacher_logits with teacher_logits.samples covering this distillation "
+                            "(steps x global batch) and the same distill.data.seed")
+
     def batch(self, rows: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        wanted = np.asarray(rows, np.int64)
+        self.refuse_missing(wanted, "this batch")
+        at = np.searchsorted(self.rows, wanted)
         shape = (len(rows), self.seq_len, self.k)
-        values = np.stack([self.values.get(r) for r in rows]).reshape(shape)
-        indices = np.stack([self.indices.get(r) for r in rows]).reshape(shape).astype(np.int64)
+        values = np.stack([self.values.get(int(r)) for r in at]).reshape(shape)
+        indices = np.stack([self.indices.get(int(r)) for r in at]).reshape(shape).astype(np.int64)
         return values, indices

@@ -94,6 +94,9 @@ class _Cache:
     k: int
 
 
+PLANNED = 4 * 2 * 2 * 2  # samples of the cached distillation: steps x ranks x micro-batch x accumulation
+
+
 @pytest.fixture(scope="module")
 def topk_cache(tmp_path_factory: pytest.TempPathFactory, corpora: dict[str, Path], tokenizer_dir: Path,
                teacher_model: Path) -> _Cache:
@@ -107,24 +110,36 @@ def topk_cache(tmp_path_factory: pytest.TempPathFactory, corpora: dict[str, Path
                   "shard.val_fraction=0.3", "shard.clean.quality.min_words=5")
     vocab = json.loads((teacher_model / "config.json").read_text())["vocab_size"]
     config = train_config(folder / "kd", "distill", small, teacher_model)
+    # Planned for the 4-step distillation below: 4 steps x (2 ranks x micro-batch 2 x accumulation 2) samples.
     assert main(["run", str(config), 'run.stages=["teacher_logits"]', f"teacher_logits.teacher={teacher_model}",
-                 f"teacher_logits.source={small}", f"teacher_logits.k={vocab}", "teacher_logits.tasks=2"]) == 0
+                 f"teacher_logits.source={small}", f"teacher_logits.k={vocab}", "teacher_logits.tasks=2",
+                 f"teacher_logits.samples={PLANNED}"]) == 0
     return _Cache(folder, config, small, run_dir(folder / "kd", "distill") / "teacher_logits", vocab)
 
 
 def test_cached_topk_with_the_whole_vocabulary_matches_the_live_teacher(topk_cache: _Cache, shards: Path,
                                                                         teacher_model: Path) -> None:
     import numpy as np
+    import pyarrow as pa
     import torch
 
+    from sharding.shards import Manifest
     from training.data import DataError, OpenedSource
     from training.kd import kd_loss, kd_loss_topk
-    from training.teacher_logits import TopkCache
+    from training.teacher_logits import TopkCache, planned_rows
 
     config, cache_dir, tmp_path = topk_cache.config, topk_cache.cache, topk_cache.folder
     tokens = OpenedSource(topk_cache.tokens)
     cache = TopkCache(cache_dir, tokens, teacher_model)
-    rows = list(range(min(4, tokens.rows)))
+    # Only the rows the planned distillation reads are cached, each once: fewer than the source holds.
+    assert cache.rows.tolist() == planned_rows(tokens, (PLANNED, 1234)).tolist()
+    assert len(cache.rows) == PLANNED < tokens.rows  # within an epoch no row is drawn twice: 32 of 58 rows
+    indices = topk_cache.cache / Manifest.load(topk_cache.cache).split_shards("topk_indices")[0].path
+    assert pa.ipc.open_file(str(indices)).schema.field(0).type.value_type == pa.uint16()  # vocabulary <= 65,536
+    lacking = int(np.setdiff1d(np.arange(tokens.rows), cache.rows)[0])
+    with pytest.raises(DataError, match=rf"lacks token row {lacking} \(1 rows in all\) that this batch reads"):
+        cache.batch([int(cache.rows[0]), lacking])
+    rows = [int(r) for r in cache.rows[:4]]
     input_ids = torch.from_numpy(np.stack([tokens.get(r) for r in rows]).astype(np.int64))
     from transformers import AutoModelForCausalLM
 
@@ -142,6 +157,12 @@ def test_cached_topk_with_the_whole_vocabulary_matches_the_live_teacher(topk_cac
                  f"distill.domain_val={shards}", "distill.steps=4", "distill.eval.every=4",
                  "distill.eval.batches=1", "distill.student_layer_choice=influence", "distill.student_bridge=true",
                  "distill.student_calibration_rows=6"]) == 0
+    # One step more than the cache was planned for: refused before any engine starts, naming a missing row.
+    assert main(["run", str(config), 'run.stages=["distill"]', "run.name=longer", f"distill.topk_cache={cache_dir}",
+                 f"distill.domain_val={shards}", "distill.steps=5"]) == 1
+    error = RunDir(tmp_path / "kd" / "runs" / "longer").read_state()["stages"]["distill"]["error"]
+    assert f"DataError: teacher top-k cache {cache_dir} lacks token row" in error
+    assert "that distillation of 5 steps x 8 samples reads" in error
     export = tmp_path / "kd" / "runs" / "cached" / "distill" / "export"
     provenance = json.loads((export / "provenance.json").read_text())
     assert provenance["topk_cache"] == str(cache_dir)
@@ -186,15 +207,15 @@ def test_the_index_builds_the_manifest_from_what_the_writers_returned(topk_cache
     records = {info.path.removesuffix(".arrow") + ".json": asdict(info) for info in made.shards}
     for name, record in records.items():  # what the compute elements left before the index
         publish_json(out / name, record)
-    cfg, first = TeacherLogitsConfig(k=topk_cache.k, tasks=2), sorted(records)[0]
+    cfg, first, plan = TeacherLogitsConfig(k=topk_cache.k, tasks=2), sorted(records)[0], (PLANNED, 1234)
     (out / first).unlink()
     with pytest.raises(RuntimeError, match=rf"^{first} is missing: the array element writing .* did not finish"):
-        index(cfg, teacher_model, topk_cache.tokens, out)
+        index(cfg, teacher_model, topk_cache.tokens, out, plan)
     publish_json(out / first, {**records[first], "bytes": records[first]["bytes"] + 1})
     with pytest.raises(RuntimeError, match=rf"^{first} does not describe .* on disk"):
-        index(cfg, teacher_model, topk_cache.tokens, out)
+        index(cfg, teacher_model, topk_cache.tokens, out, plan)
     publish_json(out / first, records[first])
-    assert index(cfg, teacher_model, topk_cache.tokens, out) == {"shards": len(records) // 2}
+    assert index(cfg, teacher_model, topk_cache.tokens, out, plan) == {"shards": len(records) // 2}
     assert Manifest.load(out) == made and (out / COMPLETE).read_bytes() == (topk_cache.cache / COMPLETE).read_bytes()
     assert sorted(p.name for p in out.glob("*.json")) == [MANIFEST]
 

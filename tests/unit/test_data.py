@@ -284,3 +284,25 @@ def test_open_shard_readers_are_bounded_and_the_rows_do_not_change(tmp_path: Pat
         OpenedSource(folder, max_open=0)
     with pytest.raises(ValueError, match="^max_open_shards must"):
         DataConfig(max_open_shards=0)
+
+
+def test_prefetched_batches_are_the_stream_s_own_and_a_jump_reads_synchronously(folders: list[Path]) -> None:
+    from training.prefetch import Prefetcher
+
+    world, micro_batch, accum = 2, 3, 2
+    plain, fetched = stream(folders), stream(folders)
+    batches = Prefetcher(fetched, 1, world, micro_batch, accum)
+    got = []
+    for _ in range(4):
+        for m in range(accum):
+            rows, ids = batches.next_batch(m)
+            assert ids == decode(rows) == plain.next_batch(m, 1, world, micro_batch, accum)[1]
+            got.append(ids)
+        plain.advance(world * micro_batch * accum)
+        fetched.advance(world * micro_batch * accum)
+    assert (batches.hits, batches.misses) == (7, 1)  # all but the first were read ahead
+    fetched.load_state_dict(stream(folders).state_dict())  # a resume elsewhere: the pending batch is not it
+    assert batches.next_batch(0)[1] == got[0] and batches.misses == 2
+    batches.close()
+    off = Prefetcher(stream(folders), 1, world, micro_batch, accum, enabled=False)
+    assert [off.next_batch(m)[1] for m in range(accum)] == got[:2] and off.hits == 0
