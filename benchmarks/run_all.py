@@ -30,14 +30,16 @@ from rich.table import Table
 HERE = Path(__file__).resolve().parent
 HELPERS = {"datatrove_baseline.py"}  # shard_throughput.py runs it; on its own it needs an input and a tokenizer
 ORDER = ["input_binding", "shard_checksum", "checkpoint_integrity", "loader_scale", "minhash_quality",  # cheap first
-         "shard_throughput", "train_overhead", "distill_cost"]
+         "teacher_cache", "shard_throughput", "shard_scale", "train_overhead", "distill_cost"]
 QUICK = {  # small sizes: minutes on a 2-core machine, figures noisier than at the defaults
     "input_binding": ["--files", "500", "2000", "8000"],
     "shard_checksum": ["--batches", "8", "--repeats", "3"],
     "checkpoint_integrity": ["--mb", "16", "64", "256"],
     "loader_scale": ["--shards", "100", "400", "1000", "--rows", "1000"],
     "minhash_quality": ["--mb", "2", "--docs", "600"],
+    "teacher_cache": [],
     "shard_throughput": ["--mb", "2", "--docs", "150"],  # 2 MB holds about 185 distinct
+    "shard_scale": ["--scales", "1", "4", "16", "--docs", "10000"],
     "train_overhead": ["--steps", "10"],
     "distill_cost": ["--steps", "5"],
 }

@@ -33,7 +33,8 @@ from sharding.stage import COMPLETE, WORK, bind_inputs, check_recorded_inputs, t
 from sharding.tokenize import load_tokenizer
 
 CLUSTER = "cluster.json"
-DROPS = "drops.npy"
+DROPS = "drops.npy"  # (key, rep, reason) of every dropped document of this round, by key
+DROP_KEYS = "drop-keys.npy"  # the keys alone, contiguous: a pack task memory-maps it and reads its files' slice
 DROPS_DTYPE = np.dtype([("key", "<u8"), ("rep", "<u8"), ("reason", "u1")])
 
 
@@ -143,10 +144,11 @@ def cluster_pairs(cfg: ShardConfig, out: Path) -> dict[str, Any]:
                     np.concatenate(near) if near else np.empty(0, PAIRS), space.base)
     table = np.empty(len(drops[0]), DROPS_DTYPE)
     table["key"], table["rep"], table["reason"] = drops
-    tmp = temp_path(out / WORK / DROPS)
-    with open(tmp, "wb") as f:
-        np.save(f, table)
-    commit_file(tmp, out / WORK / DROPS)
+    for name, data in ((DROPS, table), (DROP_KEYS, drops[0])):
+        tmp = temp_path(out / WORK / name)
+        with open(tmp, "wb") as f:
+            np.save(f, data)
+        commit_file(tmp, out / WORK / name)
     tally = dedup_tally(table, space, [Path(e["path"]) for e in recorded],
                         lambda unit: work_files(out, unit).tokens)
     groups = pack_groups([u["tokens"] for u in units], cfg.pack_shards * cfg.shard_sequences * cfg.seq_len)
@@ -185,14 +187,23 @@ def _index_part(out: Path, unit: int, space: KeySpace, keep: np.ndarray, num_per
                 file_buckets(files.exact))  # the count the map wrote with, whatever the config says now
 
 
+def _plan(out: Path) -> dict[str, Any]:
+    """cluster.json: the packing groups, the key base and the dedup tally; a clear error before the cluster ran."""
+    try:
+        return json.loads((out / WORK / CLUSTER).read_text())  # type: ignore[no-any-return]
+    except FileNotFoundError:
+        raise RuntimeError(f"the shard stage's cluster step has not finished ({out / WORK / CLUSTER} is missing); "
+                           "rerun the stage") from None
+
+
 def pack_step(cfg: ShardConfig, out: Path, rank: int, world: int) -> dict[str, Any]:
     """Pack element `rank` of `world`: every packing group g with g % world == rank."""
     if (out / COMPLETE).exists():
         return {"skipped": "stage already complete"}
-    plan = json.loads((out / WORK / CLUSTER).read_text())
+    plan = _plan(out)
     space = KeySpace(plan["base"], len(_recorded(out)))
     _, info = load_tokenizer(cfg.tokenizer, cfg.eos_token)
-    drops = np.load(out / WORK / DROPS, mmap_mode="r")
+    drop_keys = np.load(out / WORK / DROP_KEYS, mmap_mode="r")  # a strided view would be copied whole
     done = 0
     for group in range(rank, len(plan["groups"]), world):
         if _pack_path(out, group).exists():
@@ -201,9 +212,10 @@ def pack_step(cfg: ShardConfig, out: Path, rank: int, world: int) -> dict[str, A
         for unit in plan["groups"][group]:
             rows = json.loads(work_files(out, unit).tally.read_text())["unit"]["rows"]
             keep = np.ones(rows, bool)
-            keep[unit_drops(drops["key"], space, unit)] = False
+            keep[unit_drops(drop_keys, space, unit)] = False
             units.append((work_files(out, unit).tokens, keep))
-            parts.append(_index_part(out, unit, space, keep, cfg.dedup.minhash.num_perm))
+            if keep.any():  # a file with no kept document has no index part: parts' key ranges stay ascending
+                parts.append(_index_part(out, unit, space, keep, cfg.dedup.minhash.num_perm))
         packed = pack_group(cfg, out, group, units, info.eos_id, token_dtype(info.id_bound))
         publish_json(_pack_path(out, group), {**packed, "parts": [p.to_json(0, out) for p in parts],
                                               "kept": int(sum(int(k.sum()) for _, k in units))})
@@ -216,7 +228,7 @@ def finish(cfg: ShardConfig, out: Path, data_hash: str) -> dict[str, Any]:
     if (out / COMPLETE).exists():
         check_recorded_inputs(cfg, out)  # the finished stage's inputs changed since: not a silent success
         return json.loads((out / "stats.json").read_text())  # type: ignore[no-any-return]
-    plan = json.loads((out / WORK / CLUSTER).read_text())
+    plan = _plan(out)
     absent = [g for g in range(len(plan["groups"])) if not _pack_path(out, g).exists()]
     if absent:
         raise RuntimeError(f"packing groups {absent[:5]} ({len(absent)} of {len(plan['groups'])}) are not done; "

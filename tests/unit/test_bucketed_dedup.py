@@ -214,3 +214,24 @@ def test_a_damaged_index_part_is_refused_by_inspect_and_by_the_next_round(
     (folder / "dedup-index" / "index.json").write_text("{}")
     with pytest.raises(ValueError, match=r"index.json: 2 bytes, manifest says .*cannot be trusted"):
         Previous.load([folder], cfg.dedup.minhash)
+
+
+def test_an_input_file_with_no_kept_document_leaves_the_index_readable(tmp_path: Path, tokenizer: Path) -> None:
+    rng = random.Random(5)
+    originals = [" ".join(rng.choice(VOCAB) for _ in range(30)) for _ in range(40)]
+    first = tmp_path / "in1"
+    first.mkdir()
+    files = [originals[:20], originals[:20], originals[20:]]  # file 1: copies of file 0 only, none kept
+    for i, texts in enumerate(files):
+        (first / f"{i}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    round1 = tmp_path / "round1"
+    cfg1 = config(first, tokenizer, 1, 2)
+    run_all(cfg1, round1, "h")
+    second = tmp_path / "in2"
+    second.mkdir()
+    edited = [" ".join(["changed", *t.split()[1:]]) for t in originals]  # near copies of file 0's and file 2's
+    (second / "0.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in edited))
+    cfg2 = config(second, tokenizer, 1, 2, (round1,))
+    found = staged_drops(cfg2, tmp_path / "round2")
+    assert found == reference_drops(cfg2, [edited], kept_texts(files, reference_drops(cfg1, files, [])))
+    assert {reason for reason, _ in found.values()} == {"dedup.near_previous_round"}
