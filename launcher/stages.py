@@ -78,6 +78,20 @@ def _probe(cfg: RunConfig, layout: RunLayout, env: TaskEnv, element: int | None)
     return run_probe(cfg.probe, layout.stage("probe"), env, element)
 
 
+def _shard_elements(cfg: RunConfig) -> int:
+    """Map and pack array elements: shard.tasks, but no more than there are input files. Element e takes the
+    files (and packing groups, never more than files) i with i % shard.tasks == e, so an element past the last
+    file would only start, find nothing and leave; the count stays shard.tasks when the inputs expand to nothing or
+    not at all (the preflight says why)."""
+    from sharding.readers import InputError, expand_inputs
+
+    try:
+        files = len(expand_inputs(cfg.shard.inputs))
+    except (InputError, ValueError):
+        return cfg.shard.tasks
+    return min(cfg.shard.tasks, files) if files else cfg.shard.tasks
+
+
 def _shard_map(cfg: RunConfig, layout: RunLayout, env: TaskEnv, element: int | None) -> Any:
     from sharding.stage import map_files
 
@@ -303,10 +317,10 @@ def _report_preflight(cfg: RunConfig) -> None:
 
 def _stages() -> MappingProxyType[str, Stage]:
     probe = Step("probe", _probe, lambda cfg: cfg.probe.array_size)
-    shard = Stage("shard", (Step("map", _shard_map, lambda cfg: cfg.shard.tasks),
+    shard = Stage("shard", (Step("map", _shard_map, _shard_elements),
                             Step("dedup", _shard_dedup, lambda cfg: cfg.shard.dedup.buckets),
                             Step("cluster", _shard_cluster, single_task=True),
-                            Step("pack", _shard_pack, lambda cfg: cfg.shard.tasks),
+                            Step("pack", _shard_pack, _shard_elements),
                             Step("finish", _shard_finish, single_task=True)),
                   preflight=_shard_preflight, summary=_shard_summary)
     cpt = Stage("cpt", (Step("train", _cpt_train),), preflight=_cpt_preflight)

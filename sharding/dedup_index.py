@@ -5,12 +5,13 @@ A later round's bucket task reads only its bucket's batches of every part (a seq
 the index), so a new round costs its new documents plus one read of the index, never a load of it. A round's
 index lists its own parts and the parts of every round it was deduplicated against (hard-linked, or copied
 across filesystems), each with the key offset that places its keys below this round's: `index.json`, listed
-in the manifest with its sha256; every part file is listed in it with its size and XXH3, and the bucket tasks
-of the next round check those hashes (each part by one task) before the round's verdict is used.
+in the manifest with its sha256; every part file is listed in it with its size and XXH3, and the map elements
+of the next round check those hashes (each part by one element) before any dedup element reads a part.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -22,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from common.checksum import xxh3_file
-from common.publish import publish_json
+from common.publish import publish_bytes, publish_json
 from sharding.config import MinHashConfig
 from sharding.shards import FileInfo, Manifest, ManifestError, sha256_file
 
@@ -73,10 +74,29 @@ class Previous:
     """Every earlier round's parts, placed in this round's key space; `base` is where this round's keys start."""
     parts: tuple[Part, ...]
     base: int
+    identity: str = ""  # of the earlier rounds' index.json files, in order: names what was verified and used
 
     @classmethod
     def none(cls) -> Previous:
         return cls((), 0)
+
+    def marker(self, work: Path, k: int) -> Path:
+        """Published once part k's XXH3 was checked, by the map element it belongs to."""
+        return work / f"previous-{self.identity[:16]}-{k:06d}.ok"
+
+    def verify(self, work: Path, rank: int, world: int) -> None:
+        """Map element `rank` of `world` checks the XXH3 of every earlier part k with k % world == rank (one read
+        of the index per round, spread over the elements) before any dedup element reads one."""
+        for k in range(rank, len(self.parts), world):
+            if self.marker(work, k).exists():
+                continue
+            if problem := self.parts[k].problem(full=True):
+                raise ValueError(f"shard.dedup.previous: {self.parts[k].folder}: {problem}; its round's dedup "
+                                 "cannot be trusted")
+            publish_bytes(self.marker(work, k), b"")
+
+    def unverified(self, work: Path) -> list[int]:
+        return [k for k in range(len(self.parts)) if not self.marker(work, k).exists()]
 
     @classmethod
     def load(cls, folders: Sequence[Path], minhash: MinHashConfig) -> Previous:
@@ -84,16 +104,17 @@ class Previous:
         documents), each checked against its manifest: index.json by sha256, its part files by size here and by
         XXH3 in the bucket tasks."""
         parts: list[Part] = []
-        base = 0
+        base, identity = 0, hashlib.sha256()
         for folder in map(Path, folders):
             data = read_index(folder, minhash)
+            identity.update(f"{folder}\0{sha256_file(folder / INDEX_FILE)}\0".encode())
             for p in data["parts"]:
                 part = Part(folder, p["files"], base + p["key_offset"], p["key_min"], p["key_max"], p["buckets"])
                 if problem := part.problem(full=False):
                     raise ValueError(f"shard.dedup.previous: {folder}: {problem}")
                 parts.append(part)
             base += data["key_end"]
-        return cls(tuple(parts), base)
+        return cls(tuple(parts), base, identity.hexdigest() if folders else "")
 
     def starts(self) -> np.ndarray:
         """Each part's first key in this round's key space, in order (parts' key ranges ascend)."""

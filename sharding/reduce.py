@@ -2,8 +2,9 @@
 tasks) -> finish (one task). Each element's output is published whole and marks it done, so a requeued or
 rerun element skips what an earlier attempt finished, and a time-out loses only that element's work.
 
-- dedup, element b: bucket b's exact and band entries of every input file and of earlier rounds' indexes,
-  the LSH candidates verified on their signatures; writes work/bucket-<b>-of-<buckets>.pairs.npz.
+- dedup, element b: bucket b's exact and band entries of every input file and of earlier rounds' indexes (whose
+  parts the map elements checked), the LSH candidates verified on their signatures; writes
+  work/bucket-<b>-of-<buckets>-<earlier rounds>.pairs.npz.
 - cluster: the pairs of every bucket -> union-find over the pairs only -> the drop list (work/drops.npy, sorted
   by key: each pack task reads its files' slice), the dedup tally, and the packing groups; cluster.json last.
 - pack, element t: packing groups g with g % tasks == t -> shards named by group, and the dedup index parts of
@@ -42,10 +43,11 @@ def _recorded(out: Path) -> list[dict[str, Any]]:
     return json.loads((out / "inputs.json").read_text())["files"]  # type: ignore[no-any-return]
 
 
-def _bucket_path(out: Path, bucket: int, buckets: int) -> Path:
-    """Named by the bucket count too: a rerun with another shard.dedup.buckets never mixes in the old pairs (the
-    map's files are read with any multiple of the count they were written with)."""
-    return out / WORK / f"bucket-{bucket:05d}-of-{buckets:05d}.pairs.npz"
+def _bucket_path(out: Path, bucket: int, buckets: int, previous: Previous) -> Path:
+    """Named by the bucket count and the earlier rounds read too: a rerun with another shard.dedup.buckets or
+    other earlier rounds never mixes in old pairs (the map's files are read with any multiple of the count they
+    were written with)."""
+    return out / WORK / f"bucket-{bucket:05d}-of-{buckets:05d}-{previous.identity[:16] or 'none'}.pairs.npz"
 
 
 def _pack_path(out: Path, group: int) -> Path:
@@ -89,14 +91,14 @@ def dedup_bucket(cfg: ShardConfig, out: Path, bucket: int) -> dict[str, Any]:
     """Dedup element `bucket`: its share of the exact and near duplicate pairs."""
     if (out / COMPLETE).exists():
         return {"skipped": "stage already complete"}
-    path = _bucket_path(out, bucket, cfg.dedup.buckets)
+    previous = Previous.load([Path(p) for p in cfg.dedup.previous], cfg.dedup.minhash)
+    path = _bucket_path(out, bucket, cfg.dedup.buckets, previous)
     if path.exists():
         return {"skipped": "bucket already done"}
+    if unchecked := previous.unverified(out / WORK):  # the map elements check every earlier part's XXH3
+        raise RuntimeError(f"dedup bucket {bucket}: {len(unchecked)} parts of the earlier rounds' index were not "
+                           "checked by the map (an attempt of an older stillroom?); rerun the stage")
     recorded, buckets = _recorded(out), cfg.dedup.buckets
-    previous = Previous.load([Path(p) for p in cfg.dedup.previous], cfg.dedup.minhash)
-    for part in previous.parts[bucket::buckets]:  # every earlier part's bytes checked once, by one element
-        if problem := part.problem(full=True):
-            raise ValueError(f"shard.dedup.previous: {part.folder}: {problem}; its round's dedup cannot be trusted")
     space = KeySpace(previous.base, len(recorded))
     missing = [i for i in range(len(recorded)) if not work_files(out, i).tally.exists()]
     if missing:
@@ -129,16 +131,16 @@ def cluster_pairs(cfg: ShardConfig, out: Path) -> dict[str, Any]:
                            f"(first: {recorded[missing[0]]['path']}; a tally made from another file counts as "
                            "unfinished); rerun the stage")
     units = [json.loads(work_files(out, i).tally.read_text())["unit"] for i in range(len(recorded))]
-    absent = [b for b in range(cfg.dedup.buckets) if not _bucket_path(out, b, cfg.dedup.buckets).exists()]
-    if absent:
+    previous = Previous.load([Path(p) for p in cfg.dedup.previous], cfg.dedup.minhash)
+    paths = [_bucket_path(out, b, cfg.dedup.buckets, previous) for b in range(cfg.dedup.buckets)]
+    if absent := [b for b, path in enumerate(paths) if not path.exists()]:
         raise RuntimeError(f"dedup buckets {absent[:5]} ({len(absent)} of {cfg.dedup.buckets}) are not done; "
                            "rerun the stage")
     exact, near = [], []
-    for b in range(cfg.dedup.buckets):
-        with np.load(_bucket_path(out, b, cfg.dedup.buckets)) as pairs:
+    for path in paths:
+        with np.load(path) as pairs:
             exact.append(pairs["exact"])
             near.append(pairs["near"])
-    previous = Previous.load([Path(p) for p in cfg.dedup.previous], cfg.dedup.minhash)
     space = KeySpace(previous.base, len(recorded))
     drops = cluster(np.concatenate(exact) if exact else np.empty(0, PAIRS),
                     np.concatenate(near) if near else np.empty(0, PAIRS), space.base)

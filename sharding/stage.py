@@ -32,6 +32,7 @@ from common.publish import commit_file, publish_json, publish_json_once, temp_pa
 from sharding.buckets import UnitWriter
 from sharding.clean import build_steps
 from sharding.config import ShardConfig
+from sharding.dedup_index import Previous
 from sharding.documents import Doc, Tally
 from sharding.minhash import MinHasher, exact_hash
 from sharding.readers import InputError, expand_inputs, location, preflight, read_file
@@ -221,6 +222,8 @@ def map_files(cfg: ShardConfig, out: Path, rank: int, world: int) -> dict[str, A
     except InputsChanged as e:
         raise InputsChanged(f"{e}. Map task {rank}/{world} stopped before reading any input: this attempt "
                             "wrote no work file") from None
+    # Earlier rounds' index: this element's share of its parts checked before any work is done on it.
+    Previous.load([Path(p) for p in cfg.dedup.previous], cfg.dedup.minhash).verify(out / WORK, rank, world)
     threads = cfg.threads or cfg.resources.cpus_per_task
     os.environ.setdefault("RAYON_NUM_THREADS", str(threads))  # read when the tokenizer first runs in parallel
     tokenizer, _ = load_tokenizer(cfg.tokenizer, cfg.eos_token)

@@ -19,7 +19,7 @@ from sharding.dedup import Rows, find_duplicates
 from sharding.dedup_index import Previous
 from sharding.minhash import MinHasher
 from sharding.reduce import DROPS, cluster_pairs, dedup_bucket, finish, pack_step, run_all
-from sharding.stage import WORK, map_files
+from sharding.stage import WORK, map_files, work_files
 from sharding.tokenize import train_bpe_tokenizer
 
 VOCAB = [f"w{i}" for i in range(300)]
@@ -206,11 +206,14 @@ def test_a_damaged_index_part_is_refused_by_inspect_and_by_the_next_round(
     part.write_bytes(bytes(data))
     assert main(["inspect", str(folder), "--verify"]) == 1
     assert "BAD dedup-index/000007.sigs.u32: XXH3 differs from the index" in capsys.readouterr().out
-    cfg = config(inputs2, tokenizer, 1, 2, (folder,))
-    map_files(cfg, tmp_path / "round2", 0, 1)
+    cfg = config(inputs2, tokenizer, 2, 2, (folder,))
+    round2 = tmp_path / "round2"
     with pytest.raises(ValueError, match=r"^shard.dedup.previous: .*000007.sigs.u32: XXH3 differs from the index"):
-        for bucket in range(2):  # the part is checked by one bucket task, whichever
-            dedup_bucket(cfg, tmp_path / "round2", bucket)
+        for rank in range(2):  # each map element checks its share of the parts before it reads any input
+            map_files(cfg, round2, rank, 2)
+    assert not any(work_files(round2, i).tally.exists() for i in range(1, FILES, 2))  # element 1 mapped nothing
+    with pytest.raises(RuntimeError, match=r"parts of the earlier rounds' index were not checked by the map"):
+        dedup_bucket(cfg, round2, 0)  # no dedup element reads a part the map did not check
     (folder / "dedup-index" / "index.json").write_text("{}")
     with pytest.raises(ValueError, match=r"index.json: 2 bytes, manifest says .*cannot be trusted"):
         Previous.load([folder], cfg.dedup.minhash)

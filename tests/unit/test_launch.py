@@ -138,6 +138,21 @@ def test_shard_arrays_keep_the_stage_resources_and_cluster_and_finish_are_one_pr
     assert entry["tasks"] == tasks + buckets + 1 + tasks + 1
 
 
+def test_map_and_pack_arrays_are_no_larger_than_the_input_files(tmp_path: Path) -> None:
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    for name in ("a.jsonl", "b.jsonl"):
+        (inputs / name).write_text('{"text": "x"}\n')
+    cfg, run = make_run(tmp_path, ["shard"], "shard.tasks=3", f"shard.inputs=[{json.dumps(str(inputs))}]")
+    fake = FakeExecutor()
+    run_launch(cfg, run, fake)
+
+    map_, dedup, _, pack, _ = fake.submissions
+    # Element e takes the files (and packing groups) i with i % 3 == e: a third element would find nothing.
+    assert (map_.tasks, dedup.tasks, pack.tasks) == (2, 2, 2)
+    assert stages_of(run)["shard"]["tasks"] == 2 + 2 + 1 + 2 + 1
+
+
 def test_completed_first_stage_is_skipped_and_the_next_waits_on_nothing(tmp_path: Path) -> None:
     cfg, run = make_run(tmp_path, ["shard", "cpt"])
     run.update_stage("shard", status="completed", executor="slurm", tasks=10,
