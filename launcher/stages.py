@@ -133,7 +133,7 @@ def _shard_preflight(cfg: RunConfig) -> None:
             raise ValueError(f"shard.dedup.previous[{i}] '{folder}' is not a finished shard folder "
                              f"(no {INDEX_FILE})")
     # index.json by sha256 and every part by size here; the dedup tasks check the parts' XXH3 before use.
-    Previous.load([Path(p) for p in cfg.shard.dedup.previous], cfg.shard.dedup.minhash)
+    Previous.load([Path(p) for p in cfg.shard.dedup.previous], cfg.shard.dedup.minhash, sizes=True)
 
 
 def _shard_summary(folder: Path) -> Any:

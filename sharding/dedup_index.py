@@ -99,18 +99,18 @@ class Previous:
         return [k for k in range(len(self.parts)) if not self.marker(work, k).exists()]
 
     @classmethod
-    def load(cls, folders: Sequence[Path], minhash: MinHashConfig) -> Previous:
+    def load(cls, folders: Sequence[Path], minhash: MinHashConfig, sizes: bool = False) -> Previous:
         """The indexes of earlier rounds' shard folders, in the order given (the earlier listed, the earlier its
-        documents), each checked against its manifest: index.json by sha256, its part files by size here and by
-        XXH3 in the bucket tasks."""
+        documents), each index.json checked against its manifest by sha256. `sizes`: every part file's size too
+        (the preflight; 4 stat calls a part, so not in every task); the map elements check their XXH3."""
         parts: list[Part] = []
         base, identity = 0, hashlib.sha256()
         for folder in map(Path, folders):
-            data = read_index(folder, minhash)
-            identity.update(f"{folder}\0{sha256_file(folder / INDEX_FILE)}\0".encode())
+            data, sha256 = read_index(folder, minhash)
+            identity.update(f"{folder}\0{sha256}\0".encode())
             for p in data["parts"]:
                 part = Part(folder, p["files"], base + p["key_offset"], p["key_min"], p["key_max"], p["buckets"])
-                if problem := part.problem(full=False):
+                if sizes and (problem := part.problem(full=False)):
                     raise ValueError(f"shard.dedup.previous: {folder}: {problem}")
                 parts.append(part)
             base += data["key_end"]
@@ -121,8 +121,9 @@ class Previous:
         return np.array([p.key_offset + p.key_min for p in self.parts], np.uint64)
 
 
-def read_index(folder: Path, minhash: MinHashConfig) -> dict[str, Any]:
-    """index.json of a finished shard folder, checked against the manifest; clear errors for everything else."""
+def read_index(folder: Path, minhash: MinHashConfig) -> tuple[dict[str, Any], str]:
+    """index.json of a finished shard folder, checked against the manifest, and its sha256; clear errors for
+    everything else."""
     try:
         manifest = Manifest.load(folder)
     except ManifestError as e:
@@ -142,7 +143,7 @@ def read_index(folder: Path, minhash: MinHashConfig) -> dict[str, Any]:
     if data["minhash"] != asdict(minhash):
         raise ValueError(f"shard.dedup.previous: {folder} was deduplicated with MinHash settings {data['minhash']}, "
                          f"not {asdict(minhash)}; signatures are not comparable")
-    return data
+    return data, listed.sha256
 
 
 def index_problems(folder: Path, full: bool) -> list[str]:
