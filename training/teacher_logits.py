@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from common.publish import COMPLETE, publish_bytes, publish_json
+from common.publish import COMPLETE, publish_bytes, publish_json, publish_json_once
 from sharding.shards import Manifest, ShardInfo, ShardWriter
 from training.config import TeacherLogitsConfig
 from training.data import DataError, MixedStream, OpenedSource
@@ -40,6 +40,7 @@ from training.kd import topk_logits
 
 SPLITS = ("topk_values", "topk_indices")  # the cache's two splits, in the order of _outputs
 ROWS = "rows.u64"  # the token rows the cache holds, sorted
+PLAN = "plan.json"  # the plan the folder was started for
 
 
 def planned_rows(tokens: OpenedSource, plan: tuple[int, int] | None) -> np.ndarray:
@@ -50,6 +51,19 @@ def planned_rows(tokens: OpenedSource, plan: tuple[int, int] | None) -> np.ndarr
     samples, seed = plan
     stream = MixedStream([tokens], seed=seed)
     return np.unique(np.fromiter((stream.sample_id(k)[1] for k in range(samples)), np.int64, count=samples))
+
+
+def _bind_plan(out: Path, plan: tuple[int, int] | None) -> None:
+    """The cache folder is bound to the plan it was started for (plan.json, the first task's): records of another
+    plan's rows would be kept as done and then refused by the index, for good."""
+    path = out / PLAN
+    wanted = {"version": 1, "plan": None if plan is None else {"samples": plan[0], "seed": plan[1]}}
+    if not path.exists():
+        publish_json_once(path, wanted)
+    if (started := json.loads(path.read_text())) != wanted:
+        raise ValueError(f"teacher-logits cache {out} was started for {started['plan'] or 'every train row'}, not "
+                         f"{wanted['plan'] or 'every train row'} (teacher_logits.samples, distill.steps, its batch "
+                         f"or distill.data.seed changed); delete {out} to make the cache for the new plan")
 
 
 def index_dtype(vocab: int) -> np.dtype[Any]:
@@ -97,6 +111,8 @@ def compute(cfg: TeacherLogitsConfig, teacher: Path, source: Path, out: Path, el
     vocab = int(getattr(model, "config").vocab_size)  # noqa: B009 (nn.Module does not declare config)
     if cfg.k > vocab:
         raise ValueError(f"k = {cfg.k} exceeds the teacher's vocabulary of {vocab}")
+    out.mkdir(parents=True, exist_ok=True)
+    _bind_plan(out, plan)
     tokens = OpenedSource(source, "train")
     planned = planned_rows(tokens, plan)
     done = 0
@@ -134,6 +150,7 @@ def index(cfg: TeacherLogitsConfig, teacher: Path, source: Path, out: Path,
     if (out / COMPLETE).exists():
         _remove_records(out)  # left by a kill between COMPLETE and their removal
         return {"skipped": "cache complete"}
+    _bind_plan(out, plan)
     tokens = Manifest.load(source)
     opened = OpenedSource(source, "train")
     planned = planned_rows(opened, plan)

@@ -199,7 +199,7 @@ def test_the_index_builds_the_manifest_from_what_the_writers_returned(topk_cache
     from training.config import TeacherLogitsConfig
     from training.teacher_logits import index
 
-    assert sorted(p.name for p in topk_cache.cache.glob("*.json")) == [MANIFEST]  # the stage removed its records
+    assert sorted(p.name for p in topk_cache.cache.glob("*.json")) == [MANIFEST, "plan.json"]  # records removed
     made = Manifest.load(topk_cache.cache)
     out = Path(shutil.copytree(topk_cache.cache, tmp_path / "cache"))
     (out / COMPLETE).unlink()
@@ -215,9 +215,12 @@ def test_the_index_builds_the_manifest_from_what_the_writers_returned(topk_cache
     with pytest.raises(RuntimeError, match=rf"^{first} does not describe .* on disk"):
         index(cfg, teacher_model, topk_cache.tokens, out, plan)
     publish_json(out / first, records[first])
+    with pytest.raises(ValueError, match=r"was started for \{'samples': 32, 'seed': 1234\}, not every train row .*; "
+                                         rf"delete {out} to make the cache for the new plan"):
+        index(cfg, teacher_model, topk_cache.tokens, out)  # another plan: its records would never match
     assert index(cfg, teacher_model, topk_cache.tokens, out, plan) == {"shards": len(records) // 2}
     assert Manifest.load(out) == made and (out / COMPLETE).read_bytes() == (topk_cache.cache / COMPLETE).read_bytes()
-    assert sorted(p.name for p in out.glob("*.json")) == [MANIFEST]
+    assert sorted(p.name for p in out.glob("*.json")) == [MANIFEST, "plan.json"]
 
 
 def _fingerprint_on_two_ranks(rank: int, port: int, model: Path, empty: Path, answers: Path) -> None:
