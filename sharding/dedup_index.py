@@ -76,10 +76,6 @@ class Previous:
     base: int
     identity: str = ""  # of the earlier rounds' index.json files, in order: names what was verified and used
 
-    @classmethod
-    def none(cls) -> Previous:
-        return cls((), 0)
-
     def marker(self, work: Path, k: int) -> Path:
         """Published once part k's XXH3 was checked, by the map element it belongs to."""
         return work / f"previous-{self.identity[:16]}-{k:06d}.ok"

@@ -30,7 +30,7 @@ from sharding.dedup_index import INDEX_DIR, Part, Previous, file_entry, write_in
 from sharding.documents import Tally
 from sharding.packing import pack_group
 from sharding.shards import Manifest, ShardInfo, token_dtype
-from sharding.stage import COMPLETE, WORK, bind_inputs, check_recorded_inputs, tally_source, work_files
+from sharding.stage import COMPLETE, WORK, bind_inputs, check_recorded_inputs, read_tally, work_files
 from sharding.tokenize import load_tokenizer
 
 CLUSTER = "cluster.json"
@@ -125,12 +125,13 @@ def cluster_pairs(cfg: ShardConfig, out: Path) -> dict[str, Any]:
     if (out / WORK / CLUSTER).exists():
         return {"skipped": "already clustered"}
     recorded = bind_inputs(cfg, out)  # the one check of every input after the map: the current expansion must match
-    missing = [i for i in range(len(recorded)) if tally_source(out, i) != recorded[i]]
+    tallies = [read_tally(out, i) for i in range(len(recorded))]  # each read once: the check and the counts
+    missing = [i for i, tally in enumerate(tallies) if tally is None or tally.get("source") != recorded[i]]
     if missing:
         raise RuntimeError(f"the map step has not finished {len(missing)} of {len(recorded)} input files "
                            f"(first: {recorded[missing[0]]['path']}; a tally made from another file counts as "
                            "unfinished); rerun the stage")
-    units = [json.loads(work_files(out, i).tally.read_text())["unit"] for i in range(len(recorded))]
+    units = [tally["unit"] for tally in tallies if tally is not None]
     previous = Previous.load([Path(p) for p in cfg.dedup.previous], cfg.dedup.minhash)
     paths = [_bucket_path(out, b, cfg.dedup.buckets, previous) for b in range(cfg.dedup.buckets)]
     if absent := [b for b, path in enumerate(paths) if not path.exists()]:

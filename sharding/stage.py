@@ -175,12 +175,18 @@ def check_recorded_inputs(cfg: ShardConfig, out: Path, files: Sequence[Path] | N
         raise _changed(out, recorded, changes)
 
 
-def tally_source(out: Path, index: int) -> Any:
-    """The input a finished work file was made from (its tally's "source"); None when it is not finished."""
+def read_tally(out: Path, index: int) -> dict[str, Any] | None:
+    """Input file `index`'s tally (its work files' completion marker); None when it is not finished."""
     try:
-        return json.loads(work_files(out, index).tally.read_text()).get("source")
+        return json.loads(work_files(out, index).tally.read_text())  # type: ignore[no-any-return]
     except FileNotFoundError:
         return None
+
+
+def tally_source(out: Path, index: int) -> Any:
+    """The input a finished work file was made from (its tally's "source"); None when it is not finished."""
+    tally = read_tally(out, index)
+    return None if tally is None else tally.get("source")
 
 
 def in_validation(group: str, fraction: float) -> bool:

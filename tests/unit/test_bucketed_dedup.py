@@ -187,7 +187,6 @@ def test_keys_never_overflow_and_a_full_key_space_is_refused() -> None:
     assert space.unit_of(keys).tolist() == [3, 10**6] and space.row_of(keys).tolist() == [7, 2**32 - 1]
     with pytest.raises(KeySpaceError, match="past 2\\^64"):
         KeySpace(base=(1 << 64) - (1 << 40), units=1 << 10)
-    assert Previous.none().base == 0
 
 
 def test_a_damaged_index_part_is_refused_by_inspect_and_by_the_next_round(
