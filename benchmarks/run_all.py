@@ -33,9 +33,9 @@ ORDER = ["input_binding", "shard_checksum", "checkpoint_integrity", "loader_scal
          "teacher_cache", "shard_throughput", "shard_scale", "train_overhead", "distill_cost"]
 QUICK = {  # small sizes: minutes on a 2-core machine, figures noisier than at the defaults
     "input_binding": ["--files", "500", "2000", "8000"],
-    "shard_checksum": ["--batches", "8", "--repeats", "3"],
+    "shard_checksum": ["--batches", "256", "--repeats", "3"],
     "checkpoint_integrity": ["--mb", "16", "64", "256"],
-    "loader_scale": ["--shards", "100", "400", "1000", "--rows", "1000"],
+    "loader_scale": ["--shards", "100", "400", "1000", "--rows", "1000", "--compare-shards", "128"],
     "minhash_quality": ["--mb", "2", "--docs", "600"],
     "teacher_cache": [],
     "shard_throughput": ["--mb", "2", "--docs", "150"],  # 2 MB holds about 185 distinct

@@ -2,24 +2,20 @@
 
 A shard is an Arrow IPC *file* (random access by record batch; memory-map it and only the batch
 you read is decompressed) with one column, `input_ids: fixed_size_list<uint16|uint32>[seq_len]`,
-one row per packed sequence, in record batches of at least ~1 MB. `manifest.json` beside the
-shards records, per shard, its split, rows, tokens, bytes and sha256, and for the whole set the
-tokenizer fingerprint, seq_len, dtype and the config hash that produced it.
+one row per packed sequence, in record batches of BATCH_BYTES (16 KiB) of tokens or one row if a row is larger.
+`manifest.json` beside the shards records, per shard, its split, rows, tokens, bytes and sha256, and for the whole
+set the tokenizer fingerprint, seq_len, dtype and the config hash that produced it.
 
-Format 2 adds per shard a table of its record batches: where each batch's IPC message lies in the
-file (offset, length) and the XXH3-64 of those stored, compressed bytes. Arrow's zstd buffers carry
-no checksum, so without it a flipped bit decodes into other tokens or an opaque zstd error; the
-reader hashes a batch's bytes before decoding them and decodes exactly the bytes it hashed.
+Each shard has a table of its record batches (offset, length and XXH3-64 of the stored bytes: see
+sharding/batch_table.py), which the reader checks every batch against before decoding it. Format 2 kept the table
+in the manifest; format 3 keeps it in `<stem>.batches` beside the shard, and the manifest the hashes of its blocks.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import json
 import warnings
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -27,18 +23,19 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from common.checksum import xxh3_bytes, xxh3_int
-from common.publish import commit_file, publish_json, temp_path
+from common.checksum import xxh3_bytes
+from common.publish import commit_file, publish_bytes, publish_json, temp_path
+from sharding import batch_table as tables
+from sharding.batch_table import BATCH_TABLE, BatchTable, TableError, damaged_batches, table_name
 
-FORMAT_VERSION = 2
-READABLE_FORMATS = (1, 2)  # format 1 has no batch tables: only sizes (and sha256 on request) can be checked
+FORMAT_VERSION = 3
+READABLE_FORMATS = (1, 2, 3)  # format 1 has no batch tables: only sizes (and sha256 on request) can be checked
 MANIFEST = "manifest.json"
-BATCH_BYTES = 1 << 20  # record batches of at least this many bytes before compression
+# Record batches of at least this many bytes of tokens before compression, and no more rows than that takes: a
+# random row decodes its whole batch, so with rows of 4 KiB (2,048 uint16 tokens) a row read decodes at most 4 rows.
+# Smaller batches cost more than they save: ~65 us and ~300 bytes of IPC metadata a batch (docs/sharding.md).
+BATCH_BYTES = 16 << 10
 IPC_MAGIC = b"ARROW1"  # an IPC file starts with these 6 bytes and 2 of padding, then the schema message
-# One entry per record batch, packed little-endian: 20 bytes, 27 characters of base64 in manifest.json. A batch holds
-# at least BATCH_BYTES of tokens, so the table costs at most ~27 bytes of manifest per MiB of tokens (0.003%): about
-# 27 MB of JSON for a TiB of token bytes (a million batches). Readers decode only the tables of shards they open.
-BATCH_TABLE = np.dtype([("offset", "<u8"), ("length", "<u4"), ("xxh3", "<u8")])
 
 
 class ManifestError(ValueError):
@@ -85,39 +82,6 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
-def encode_batch_table(table: np.ndarray) -> str:
-    return base64.b64encode(np.ascontiguousarray(table, dtype=BATCH_TABLE).tobytes()).decode("ascii")
-
-
-def decode_batch_table(text: str, where: str) -> np.ndarray:
-    try:
-        raw = base64.b64decode(text, validate=True)
-    except binascii.Error as e:
-        raise ManifestError(f"{where}: its batch table is not base64 ({e})") from None
-    if len(raw) % BATCH_TABLE.itemsize:
-        raise ManifestError(f"{where}: its batch table has {len(raw)} bytes, not a multiple of {BATCH_TABLE.itemsize}")
-    return np.frombuffer(raw, BATCH_TABLE)
-
-
-def _table_entries(table: np.ndarray) -> list[tuple[int, int, int]]:
-    """The table as plain (offset, length, xxh3) ints: numpy scalar access costs microseconds a field."""
-    return list(zip(table["offset"].tolist(), table["length"].tolist(), table["xxh3"].tolist(), strict=True))
-
-
-def _stored_batch(data: pa.Buffer, entry: tuple[int, int, int]) -> pa.Buffer | None:
-    """The batch's stored bytes if they are the ones its table entry records, else None."""
-    offset, length, expected = entry
-    stored = data.slice(offset, length)
-    return stored if offset + length <= data.size and xxh3_int(stored) == expected else None
-
-
-def damaged_batches(path: Path, table: np.ndarray) -> list[int]:
-    """Indices of the record batches of `path` whose stored bytes differ from `table` (or lie past its end)."""
-    with pa.memory_map(str(path), "r") as source:
-        data = source.read_buffer()
-        return [i for i, entry in enumerate(_table_entries(table)) if _stored_batch(data, entry) is None]
-
-
 @dataclass(frozen=True)
 class ShardInfo:
     path: str  # relative to the manifest's folder
@@ -126,10 +90,38 @@ class ShardInfo:
     tokens: int  # rows * seq_len
     bytes: int  # file size
     sha256: str
-    batches: str = ""  # base64 of the BATCH_TABLE of its record batches; "" (format 1): reads are not checked
+    batches: str = ""  # format 2: base64 of the BATCH_TABLE of its record batches; "" in formats 1 and 3
+    table: str = ""  # format 3: base64 of the XXH3-64 of each block of its table file; "": no table (or no batches)
+    table_bytes: int = 0  # format 3: the size of its table file, `<stem>.batches` (20 bytes a record batch)
+    batch_rows: int = 0  # format 3: rows per record batch (all but the last); older formats: in the schema only
+    dtype: str = ""  # format 3: its values' dtype, as its schema says (a teacher cache's splits differ in it)
 
-    def batch_table(self) -> np.ndarray | None:
-        return decode_batch_table(self.batches, self.path) if self.batches else None
+    def batch_table(self, folder: Path) -> BatchTable | None:
+        """Its table of record batches (None in format 1), whose entries are checked as they are read."""
+        try:
+            if self.table:
+                return BatchTable.from_file(Path(folder) / table_name(self.path), self.table_bytes,
+                                            tables.decode(self.table, "<u8", self.path))
+            if self.batches:
+                entries = tables.decode(self.batches, BATCH_TABLE, self.path)
+                return BatchTable(len(entries), entries=entries)
+        except TableError as e:
+            raise ShardCorrupt(str(e)) from None
+        return None
+
+    def table_problem(self, folder: Path, full: bool) -> str | None:
+        """What is wrong with its table file, in one line (`full`: every block checked); None when it matches."""
+        if not self.table:
+            return None
+        problem = FileInfo(table_name(self.path), self.table_bytes, "").problem(folder, full=False)
+        if problem is None and full:
+            try:
+                table = self.batch_table(folder)
+                assert table is not None
+                table.entries()
+            except (ShardCorrupt, TableError) as e:
+                problem = f"{table_name(self.path)}: {str(e).split(': ', 1)[-1]}"
+        return problem
 
 
 @dataclass(frozen=True)
@@ -190,8 +182,9 @@ class Manifest:
         it had: checkpoints record it, and an upgrade must not make them refuse the very same data."""
         data = asdict(self)
         for shard in data["shards"]:
-            if not shard["batches"]:
-                del shard["batches"]
+            for name in ("batches", "table", "table_bytes", "batch_rows", "dtype"):
+                if not shard[name]:
+                    del shard[name]
         if data["dedup_index"] is None:
             del data["dedup_index"]
         return data
@@ -220,7 +213,8 @@ class Manifest:
         index = data.pop("dedup_index", None)
         manifest = cls(shards=shards, dedup_index=FileInfo(**index) if index else None, **data)
         root = Path(folder).resolve()
-        named = [s.path for s in shards] + ([manifest.dedup_index.path] if manifest.dedup_index else [])
+        named = [s.path for s in shards] + [table_name(s.path) for s in shards if s.table] + \
+            ([manifest.dedup_index.path] if manifest.dedup_index else [])
         if bad := next((p for p in named if _outside(root, p)), None):
             raise ManifestError(f"{path}: file path {bad!r} is not inside the folder; refused")
         return manifest
@@ -230,25 +224,26 @@ class Manifest:
         differs is searched for damaged record batches. The dedup index: `sharding.dedup_index.index_problems`."""
         problems = []
         for shard in self.shards:
+            table_problem = shard.table_problem(folder, full)
             problem = FileInfo(shard.path, shard.bytes, shard.sha256).problem(folder, full=False)
             if problem is None and full and sha256_file(Path(folder) / shard.path) != shard.sha256:
                 problem = f"{shard.path}: sha256 differs from the manifest (corrupt or changed)"
-                if (table := shard.batch_table()) is not None:
+                if table_problem is None and (table := shard.batch_table(folder)) is not None:
                     bad = damaged_batches(Path(folder) / shard.path, table)
                     problem += (f"; damaged record batches: {', '.join(map(str, bad))} of {len(table)}" if bad else
                                 f"; its {len(table)} record batches are intact: the damage is in its schema or footer")
-            if problem is not None:
-                problems.append(problem)
+            problems += [p for p in (problem, table_problem) if p is not None]
         return problems
 
 
 class ShardWriter:
     """Writes one shard: rows go to a temp file, which is fsynced and renamed on `close()`."""
 
-    def __init__(self, path: Path, seq_len: int, dtype: np.dtype[Any], split: str) -> None:
+    def __init__(self, path: Path, seq_len: int, dtype: np.dtype[Any], split: str,
+                 batch_bytes: int = BATCH_BYTES) -> None:
         self.path, self.seq_len, self.dtype, self.split = path, seq_len, dtype, split
         self.tmp = temp_path(path)
-        self.batch_rows = max(1, -(-BATCH_BYTES // (seq_len * dtype.itemsize)))
+        self.batch_rows = max(1, -(-batch_bytes // (seq_len * dtype.itemsize)))
         # Readers map a row to its batch by arithmetic: every batch but the last has batch_rows rows.
         self.schema = pa.schema([("input_ids", pa.list_(pa.from_numpy_dtype(dtype), seq_len))],
                                 metadata={"batch_rows": str(self.batch_rows)})
@@ -261,10 +256,12 @@ class ShardWriter:
     def write(self, rows: np.ndarray) -> None:
         """rows: (n, seq_len) array of token ids."""
         self._pending.append(as_token_ids(rows, self.dtype, str(self.path)))
-        while sum(len(r) for r in self._pending) >= self.batch_rows:
+        if sum(len(r) for r in self._pending) >= self.batch_rows:
             rows = np.concatenate(self._pending)
-            self._pending = [rows[self.batch_rows:]]
-            self._write_batch(rows[: self.batch_rows])
+            whole = len(rows) - len(rows) % self.batch_rows
+            for start in range(0, whole, self.batch_rows):
+                self._write_batch(rows[start:start + self.batch_rows])
+            self._pending = [rows[whole:]]
 
     def _write_batch(self, rows: np.ndarray) -> None:
         flat = pa.array(rows.reshape(-1), type=pa.from_numpy_dtype(self.dtype))
@@ -289,7 +286,8 @@ class ShardWriter:
         return table
 
     def close(self) -> ShardInfo:
-        """Finish the file and publish it; the ShardInfo holds its size, sha256 and batch table."""
+        """Finish the file and publish it with its table file (the table first: a shard on disk has its table);
+        the ShardInfo holds its size, sha256 and the hashes of its table's blocks."""
         if self._pending and (rest := np.concatenate(self._pending)).size:
             self._write_batch(rest)
         self._writer.close()
@@ -298,86 +296,9 @@ class ShardWriter:
             data = source.read_buffer()
             table, sha256 = self._batch_table(data), hashlib.sha256(memoryview(data)).hexdigest()
             size = data.size
+        if len(table):
+            publish_bytes(self.path.with_name(table_name(self.path.name)), table.tobytes())
         commit_file(self.tmp, self.path)
         return ShardInfo(path=self.path.name, split=self.split, rows=self.rows, tokens=self.rows * self.seq_len,
-                         bytes=size, sha256=sha256, batches=encode_batch_table(table))
-
-
-class ShardReader:
-    """Random access to one shard's rows through a memory map: only the batches read are decompressed.
-
-    With the shard's batch table (format 2), every batch decoded is first hashed and compared with its entry, and
-    decoded from exactly those bytes; the footer is not read, so a damaged one cannot point the reader elsewhere.
-    A mismatch raises ShardCorrupt. Without a table, batches are found through the footer and not checked.
-    """
-
-    def __init__(self, path: Path, table: np.ndarray | None = None) -> None:
-        self.path, self._table = Path(path), table
-        self._entries = _table_entries(table) if table is not None else []  # looked up once per decode
-        self._source = pa.memory_map(str(self.path), "r")
-        self._reader: pa.ipc.RecordBatchFileReader | None = None
-        try:
-            self.schema, self._batches = self._open()
-            self._batch_rows = int(self.schema.metadata[b"batch_rows"])
-            self.seq_len = self.schema.field("input_ids").type.list_size
-            self.dtype = np.dtype(self.schema.field("input_ids").type.value_type.to_pandas_dtype())
-            last = self._batches - 1
-            self.rows = self._batch_rows * last + len(self._decode(last)) if self._batches else 0
-        except BaseException:
-            self._source.close()
-            raise
-
-    def _open(self) -> tuple[pa.Schema, int]:
-        """(schema, batches): from the footer without a table, else the schema message after the magic."""
-        try:
-            if self._table is None:
-                self._reader = pa.ipc.open_file(self._source)
-                return self._reader.schema, self._reader.num_record_batches
-            self._data = self._source.read_buffer()
-            if self._data.size < 8 or self._data.slice(0, 6).to_pybytes() != IPC_MAGIC:
-                raise ShardCorrupt(self._corrupt("does not start as an Arrow IPC file"))
-            head = pa.BufferReader(self._data)
-            head.seek(8)
-            return pa.ipc.read_schema(pa.ipc.read_message(head)), len(self._table)
-        except pa.ArrowException as e:
-            raise ShardCorrupt(self._corrupt(f"is unreadable ({str(e).splitlines()[0]})")) from None
-
-    def _corrupt(self, what: str) -> str:
-        return f"{self.path} {what}; run `stillroom inspect --verify {self.path.parent}` to find what is damaged"
-
-    def __len__(self) -> int:
-        return self.rows
-
-    def _decode(self, index: int) -> np.ndarray:
-        if not 0 <= index < self._batches:
-            raise IndexError(f"batch {index} out of range for {self.path} with {self._batches} batches")
-        try:
-            if self._table is None:
-                assert self._reader is not None
-                batch = self._reader.get_batch(index)
-            else:
-                if (stored := _stored_batch(self._data, self._entries[index])) is None:
-                    raise ShardCorrupt(self._corrupt(f"record batch {index} of {self._batches} is damaged (the "
-                                                     "XXH3 of its stored bytes differs from the manifest's)"))
-                message = pa.ipc.read_message(stored)
-                batch = pa.ipc.read_record_batch(message, self.schema)
-            return batch.column(0).flatten().to_numpy().reshape(-1, self.seq_len)
-        except pa.ArrowException as e:  # intact bytes that do not decode: written wrong, or a table of another file
-            raise ShardCorrupt(self._corrupt(f"record batch {index} does not decode ({str(e).splitlines()[0]})")) \
-                from None
-
-    def batch(self, index: int) -> np.ndarray:
-        return self._decode(index)
-
-    def row(self, i: int) -> np.ndarray:
-        if not 0 <= i < self.rows:
-            raise IndexError(f"row {i} out of range for {self.path} with {self.rows} rows")
-        b, offset = divmod(i, self._batch_rows)
-        return self.batch(b)[offset]
-
-    def __iter__(self) -> Iterator[np.ndarray]:
-        for b in range(self._batches):
-            yield from self.batch(b)
-
-    def close(self) -> None:
-        self._source.close()
+                         bytes=size, sha256=sha256, table=tables.encode(tables.block_hashes(table), "<u8"),
+                         table_bytes=table.nbytes, batch_rows=self.batch_rows, dtype=self.dtype.name)

@@ -40,7 +40,7 @@ def summary_table(folder: Path) -> Group:
 
 def decode_sequences(folder: Path, count: int, tokenizer_path: str = "", split: str = "train") -> list[str]:
     """The first `count` packed sequences of `split`, decoded with the manifest's tokenizer."""
-    from sharding.shards import ShardReader
+    from sharding.shard_reader import open_shard
     from sharding.tokenize import TokenizerError, load_tokenizer
 
     if count == 0:  # `inspect` without --decode: a tokenizer moved since must not fail it
@@ -52,7 +52,7 @@ def decode_sequences(folder: Path, count: int, tokenizer_path: str = "", split: 
                              f"(sha256 {info.sha256[:12]} vs {manifest.tokenizer_sha256[:12]})")
     texts: list[str] = []
     for shard in manifest.split_shards(split):
-        reader = ShardReader(folder / shard.path, shard.batch_table())  # checked as training reads it
+        reader = open_shard(folder, shard, manifest.seq_len)  # checked as training reads it
         for row in reader:
             if len(texts) == count:
                 return texts

@@ -41,7 +41,8 @@ from typing import TypedDict
 
 import numpy as np
 
-from sharding.shards import Manifest, ManifestError, ShardReader
+from sharding.shard_reader import ShardReader, open_shard
+from sharding.shards import Manifest, ManifestError
 from training.config import DataConfig
 
 STATE_VERSION = 1
@@ -85,8 +86,8 @@ class OpenedSource:
         # Readers open lazily (a run may touch few of many shards) and at most max_open at a time, least recently
         # used closed first: a shuffled stream touches every shard within a few hundred steps.
         self._open: OrderedDict[int, _OpenShard] = OrderedDict()
-        self.readers_opened = 0  # over the source's life: with batches_decoded, what reading it has cost
-        self.batches_decoded = 0
+        self.readers_opened = 0  # over the source's life: with rows_decoded, what reading it has cost
+        self.rows_decoded = 0
 
     def _shard(self, index: int) -> _OpenShard:
         if (shard := self._open.get(index)) is not None:
@@ -95,29 +96,26 @@ class OpenedSource:
             while len(self._open) >= self.max_open:
                 self._open.popitem(last=False)[1].reader.close()
             info = self.shards[index]
-            try:
-                reader = ShardReader(self.folder / info.path, info.batch_table())
+            try:  # opening decodes nothing: a random row in a shard just opened decodes only its own batch
+                reader = open_shard(self.folder, info, self.seq_len)
             except ManifestError as e:  # ShardCorrupt among them: the message names the file and what to run
                 raise DataError(str(e)) from None
-            try:
-                if (reader.rows, reader.seq_len) != (info.rows, self.seq_len):
-                    raise DataError(f"{self.folder}: {info.path} holds {reader.rows} rows of {reader.seq_len} "
-                                    f"tokens, manifest says {info.rows} of {self.seq_len}")
-                first = self._batch(reader, 0)  # its length is the batch size: every batch but the last is full
-            except DataError:
+            if reader.seq_len != self.seq_len:
                 reader.close()
-                raise
-            shard = self._open[index] = _OpenShard(reader, len(first), 0, first)
+                raise DataError(f"{self.folder}: {info.path} holds rows of {reader.seq_len} tokens, manifest says "
+                                f"{self.seq_len}")
+            shard = self._open[index] = _OpenShard(reader, reader.batch_rows, -1, np.empty((0, self.seq_len)))
             self.readers_opened += 1
         return shard
 
     def _batch(self, reader: ShardReader, b: int) -> np.ndarray:
-        """Record batch b, checked against the manifest's table (format 2) before it is decoded."""
-        self.batches_decoded += 1
+        """Record batch b, checked against the manifest's table (formats 2 and 3) before it is decoded."""
         try:
-            return reader.batch(b)
+            rows = reader.batch(b)
         except ManifestError as e:
             raise DataError(str(e)) from None
+        self.rows_decoded += len(rows)
+        return rows
 
     def get(self, i: int) -> np.ndarray:
         """Row i of the split (shards in manifest order), read-only, in the shard dtype."""

@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sharding.shards import Manifest, ShardReader, ShardWriter
+from sharding.shard_reader import ShardReader
+from sharding.shards import Manifest, ShardWriter
 from sharding.tokenize import tokenizer_fingerprint
 from tests.unit.test_shards import batch_ranges
 from training.config import DataConfig
@@ -64,8 +65,8 @@ def test_config_checks_name_the_field() -> None:
 
 def test_opened_source_reads_every_row_in_order_decompressing_each_batch_once(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # seq_len 2048 uint16: 256 rows per record batch, so shards of 600 rows hold 3 batches
-    source = OpenedSource(make_source(tmp_path / "big", 0, 900, seq_len=2048, shard_rows=600))
+    # seq_len 2048 uint16: 4 rows per record batch, so shards of 10 rows hold 3 batches
+    source = OpenedSource(make_source(tmp_path / "big", 0, 18, seq_len=2048, shard_rows=10))
     calls: list[int] = []
     original = ShardReader.batch
 
@@ -74,12 +75,12 @@ def test_opened_source_reads_every_row_in_order_decompressing_each_batch_once(
         return original(self, b)
 
     monkeypatch.setattr(ShardReader, "batch", counting)
-    assert (source.rows, source.seq_len, source.name) == (900, 2048, "big")
-    assert [int(source.get(i)[0]) for i in range(900)] == list(range(900))
-    assert calls == [0, 1, 2, 0, 1]  # 3 batches in the first shard, 2 in the second, once each
+    assert (source.rows, source.seq_len, source.name) == (18, 2048, "big")
+    assert [int(source.get(i)[0]) for i in range(18)] == list(range(18))
+    assert calls == [0, 1, 2, 0, 1] and source.rows_decoded == 18  # 3 batches in the first shard, 2 in the second
     assert not source.get(5).flags.writeable
     with pytest.raises(IndexError):
-        source.get(900)
+        source.get(18)
 
 
 def test_stream_is_deterministic_and_batches_hold_the_ids_they_report(folders: list[Path]) -> None:

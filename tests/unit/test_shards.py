@@ -15,7 +15,8 @@ from tokenizers.pre_tokenizers import Whitespace
 
 from sharding.config import ShardConfig
 from sharding.packing import pack_group
-from sharding.shards import Manifest, ManifestError, ShardInfo, ShardReader, ShardWriter, sha256_file, token_dtype
+from sharding.shard_reader import ShardReader
+from sharding.shards import BATCH_BYTES, Manifest, ManifestError, ShardInfo, ShardWriter, sha256_file, token_dtype
 from sharding.stage import TOKENS_SCHEMA
 from sharding.tokenize import Packer, TokenizerError, load_tokenizer, train_bpe_tokenizer
 from training.data import DataError, OpenedSource
@@ -32,13 +33,14 @@ def test_writer_reader_round_trip_with_random_access(tmp_path: Path) -> None:
     info = writer.close()
     assert (info.rows, info.tokens, info.split) == (10000, 10000 * 64, "train")
     assert info.sha256 == sha256_file(tmp_path / "train-00000.arrow") and not list(tmp_path.glob(".*tmp"))
-    reader = ShardReader(tmp_path / "train-00000.arrow")
-    assert len(reader) == 10000 and reader.batch(0).nbytes >= 1 << 20  # batches of at least ~1 MB
-    assert np.array_equal(np.stack(list(reader)), rows)
-    for i in (0, 8191, 8192, 9999):
-        assert np.array_equal(reader.row(i), rows[i])
-    with pytest.raises(IndexError):
-        reader.row(10000)
+    for reader in (ShardReader(tmp_path / "train-00000.arrow"),  # through the footer, and through the table file
+                   ShardReader(tmp_path / "train-00000.arrow", info.batch_table(tmp_path), info.rows)):
+        assert len(reader) == 10000 and reader.batch(0).nbytes == BATCH_BYTES == 16 << 10  # 128 rows of 128 bytes
+        assert np.array_equal(np.stack(list(reader)), rows)
+        for i in (0, 127, 128, 9999):
+            assert np.array_equal(reader.row(i), rows[i])
+        with pytest.raises(IndexError):
+            reader.row(10000)
 
 
 def test_manifest_verify_catches_a_flipped_byte(tmp_path: Path) -> None:
@@ -101,10 +103,10 @@ def batch_ranges(path: Path) -> list[tuple[int, int]]:
 
 
 def wide_shard(folder: Path, rows: int = 4096, seq_len: int = 256) -> np.ndarray:
-    """A shard folder of one uint32 train shard of 4 record batches, ids drawn from [0, 200000)."""
+    """A shard folder of one uint32 train shard of 4 record batches of 1 MiB, ids drawn from [0, 200000)."""
     folder.mkdir()
     tokens = np.random.default_rng(1).integers(0, 200_000, (rows, seq_len))
-    writer = ShardWriter(folder / "train-00000.arrow", seq_len, np.dtype(np.uint32), "train")
+    writer = ShardWriter(folder / "train-00000.arrow", seq_len, np.dtype(np.uint32), "train", batch_bytes=1 << 20)
     writer.write(tokens)
     Manifest(seq_len=seq_len, dtype="uint32", tokenizer_sha256="t", tokenizer_path="p", eos_id=0,
              config_sha256="c", shards=(writer.close(),)).save(folder)
@@ -115,15 +117,16 @@ def test_batch_table_names_exactly_each_batch_message(tmp_path: Path) -> None:
     tokens = wide_shard(tmp_path / "s")
     path = tmp_path / "s" / "train-00000.arrow"
     (info,) = Manifest.load(tmp_path / "s").shards
-    table = info.batch_table()
-    assert table is not None and len(info.batches) < 200  # 20 bytes per batch, base64
-    assert [(int(e["offset"]), int(e["length"])) for e in table] == batch_ranges(path) and len(table) == 4
+    table = info.batch_table(tmp_path / "s")
+    assert table is not None and len(info.table) == 12 and info.table_bytes == 80  # 1 block hash; 20 bytes a batch
+    assert (tmp_path / "s" / "train-00000.batches").stat().st_size == 80
+    assert [(int(e["offset"]), int(e["length"])) for e in table.entries()] == batch_ranges(path) and len(table) == 4
     data = pa.memory_map(str(path)).read_buffer()
     footer = pa.ipc.open_file(data)
-    for i, entry in enumerate(table):
+    for i, entry in enumerate(table.entries()):
         message = pa.ipc.read_message(data.slice(int(entry["offset"]), int(entry["length"])))
         assert pa.ipc.read_record_batch(message, footer.schema).equals(footer.get_batch(i))
-    assert np.array_equal(np.stack(list(ShardReader(path, table))), tokens)
+    assert np.array_equal(np.stack(list(ShardReader(path, table, info.rows))), tokens)
 
 
 def test_forty_bit_flips_in_batch_bytes_are_each_refused_naming_the_shard(tmp_path: Path) -> None:
@@ -156,7 +159,7 @@ def test_format_1_manifests_load_with_one_warning_and_keep_their_identity(tmp_pa
     rows = np.arange(800).reshape(100, 8)
     writer = ShardWriter(tmp_path / "train-00000.arrow", 8, np.dtype(np.uint16), "train")
     writer.write(rows)
-    shard = {k: v for k, v in asdict(writer.close()).items() if k != "batches"}
+    shard = {k: v for k, v in asdict(writer.close()).items() if k not in ("batches", "table", "table_bytes")}
     old = {"seq_len": 8, "dtype": "uint16", "tokenizer_sha256": "t", "tokenizer_path": "p", "eos_id": 0,
            "config_sha256": "c", "shards": [shard], "extra": {}, "format_version": 1}
     (tmp_path / "manifest.json").write_text(json.dumps(old))
@@ -223,7 +226,9 @@ def test_ids_that_do_not_fit_the_shard_dtype_are_refused(tmp_path: Path) -> None
     with pytest.raises(ValueError, match="token id -1 does not fit uint16"):
         writer.write(np.array([[1, 2, 3, -1]]))
     writer.write(np.array([[1, 2, 3, 65535]]))
-    assert ShardReader(tmp_path / "train-00000.arrow", writer.close().batch_table()).row(0).tolist() == [1, 2, 3, 65535]
+    info = writer.close()
+    reader = ShardReader(tmp_path / "train-00000.arrow", info.batch_table(tmp_path), 1)
+    assert reader.row(0).tolist() == [1, 2, 3, 65535]
 
 
 def test_verify_names_the_damaged_batches_of_a_shard(tmp_path: Path) -> None:
