@@ -29,10 +29,11 @@ from rich.table import Table
 
 HERE = Path(__file__).resolve().parent
 HELPERS = {"datatrove_baseline.py"}  # shard_throughput.py runs it; on its own it needs an input and a tokenizer
-ORDER = ["input_binding", "shard_checksum", "checkpoint_integrity", "loader_scale", "minhash_quality",  # cheap first
-         "teacher_cache", "shard_throughput", "shard_scale", "train_overhead", "distill_cost"]
+ORDER = ["input_binding", "map_balance", "shard_checksum", "checkpoint_integrity", "loader_scale",  # cheap first
+         "minhash_quality", "teacher_cache", "shard_throughput", "shard_scale", "train_overhead", "distill_cost"]
 QUICK = {  # small sizes: minutes on a 2-core machine, figures noisier than at the defaults
     "input_binding": ["--files", "500", "2000", "8000"],
+    "map_balance": [],
     "shard_checksum": ["--batches", "256", "--repeats", "3"],
     "checkpoint_integrity": ["--mb", "16", "64", "256"],
     "loader_scale": ["--shards", "100", "400", "1000", "--rows", "1000", "--compare-shards", "128"],

@@ -79,10 +79,10 @@ def _probe(cfg: RunConfig, layout: RunLayout, env: TaskEnv, element: int | None)
 
 
 def _shard_elements(cfg: RunConfig) -> int:
-    """Map and pack array elements: shard.tasks, but no more than there are input files. Element e takes the
-    files (and packing groups, never more than files) i with i % shard.tasks == e, so an element past the last
-    file would only start, find nothing and leave; the count stays shard.tasks when the inputs expand to nothing or
-    not at all (the preflight says why)."""
+    """Map and pack array elements: shard.tasks, but no more than there are input files. The files are shared by
+    size, each element getting one before any gets two, and packing groups (never more than files) g go to element
+    g % shard.tasks, so an element past the last file would only start, find nothing and leave; the count stays
+    shard.tasks when the inputs expand to nothing or not at all (the preflight says why)."""
     from sharding.readers import InputError, expand_inputs
 
     try:

@@ -1,11 +1,11 @@
 """The shard stage, step one: a job array maps input files to cleaned, tokenized work files and the bucketed
 dedup keys (`sharding.buckets`); the steps after it are in `sharding.reduce`.
 
-Every step is a pure function of (config, rank, world size): input file i belongs to map element i % world,
-work files are named by input file, and everything later steps write depends only on the global document
-order, so the output is byte-identical for any number of tasks or buckets. Each input file's tally is written
-last, after its work files: it is the file's completion marker, and a requeued task starts again at the first
-file without one.
+Every step is a pure function of (config, rank, world size): the input files are shared among the map elements by
+their recorded sizes (`assign_by_size`), work files are named by input file, and everything later steps write
+depends only on the global document order, so the output is byte-identical for any number of tasks or buckets.
+Each input file's tally is written last, after its work files: it is the file's completion marker, and a requeued
+task starts again at the first file without one.
 
 The stage folder is bound to its inputs: the first task to start records the expanded input list
 (path, size, mtime_ns, in order) in inputs.json, and every later map attempt, the cluster step and a rerun
@@ -16,6 +16,7 @@ Each tally names the input it was made from, so the cluster step checks work fil
 from __future__ import annotations
 
 import hashlib
+import heapq
 import json
 import os
 import time
@@ -144,13 +145,14 @@ def record_inputs(out: Path, patterns: Sequence[str], current: list[dict[str, An
     return recorded
 
 
-def bind_inputs(cfg: ShardConfig, out: Path, own: Callable[[int], bool] | None = None) -> list[dict[str, Any]]:
+def bind_inputs(cfg: ShardConfig, out: Path,
+                own: Callable[[list[dict[str, Any]]], Sequence[int]] | None = None) -> list[dict[str, Any]]:
     """Expand the inputs now, record them at first use, and return the recorded list (or refuse a change).
 
-    With `own` (a map element: which file indexes are its own), once the list is recorded only the element's
-    own files are stat'ed, after the expanded paths are compared whole: the binding adds N/world metadata calls
-    to an element's expansion of the inputs, not N (benchmarks/input_binding.py). The reduce, the one task
-    that reads every file, checks them all.
+    With `own` (a map element: which file indexes of the recorded list are its own), once the list is recorded
+    only the element's own files are stat'ed, after the expanded paths are compared whole: the binding adds
+    N/world metadata calls to an element's expansion of the inputs, not N (benchmarks/input_binding.py). The
+    reduce, the one task that reads every file, checks them all.
     """
     files = expand_inputs(cfg.inputs)
     if own is None or not (out / INPUTS).exists():
@@ -158,10 +160,29 @@ def bind_inputs(cfg: ShardConfig, out: Path, own: Callable[[int], bool] | None =
     recorded = _read_recorded(out / INPUTS)
     if [str(p) for p in files] != [e["path"] for e in recorded]:
         raise _changed(out, recorded, input_changes(recorded, stat_inputs(files)))
-    mine = [i for i in range(len(files)) if own(i)]
+    mine = own(recorded)
     if changes := input_changes([recorded[i] for i in mine], stat_inputs([files[i] for i in mine])):
         raise _changed(out, recorded, changes)
     return recorded
+
+
+def assign_by_size(sizes: Sequence[int], world: int) -> list[list[int]]:
+    """The input files of each of `world` map elements, balanced by bytes: largest file first (ties: the earlier),
+    each to the element with the fewest bytes so far (then the fewest files, then the lowest rank); each element's
+    files in input order. A pure function of the recorded sizes: every element computes the same split. An element
+    takes at most the mean plus its largest file (files are not split), where file i % world could leave one with
+    several of the largest."""
+    loads = [(0, 0, rank) for rank in range(world)]  # (bytes, files, rank): a heap, least loaded first
+    shares: list[list[int]] = [[] for _ in range(world)]
+    for index in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        size, count, rank = heapq.heappop(loads)
+        shares[rank].append(index)
+        heapq.heappush(loads, (size + sizes[index], count + 1, rank))
+    return [sorted(share) for share in shares]
+
+
+def _own_share(rank: int, world: int) -> Callable[[list[dict[str, Any]]], list[int]]:
+    return lambda recorded: assign_by_size([int(e["size"]) for e in recorded], world)[rank]
 
 
 def check_recorded_inputs(cfg: ShardConfig, out: Path, files: Sequence[Path] | None = None) -> None:
@@ -218,13 +239,13 @@ class _Progress:
 
 
 def map_files(cfg: ShardConfig, out: Path, rank: int, world: int) -> dict[str, Any]:
-    """Array element `rank` of `world`: clean, hash and tokenize every input file i with i % world == rank."""
+    """Array element `rank` of `world`: clean, hash and tokenize its share of the input files (`assign_by_size`)."""
     if (out / COMPLETE).exists():
         check_recorded_inputs(cfg, out)  # a finished stage whose inputs changed since must not look current
         return {"skipped": "stage already complete"}
     (out / WORK).mkdir(parents=True, exist_ok=True)
     try:
-        recorded = bind_inputs(cfg, out, own=lambda index: index % world == rank)
+        recorded = bind_inputs(cfg, out, own=_own_share(rank, world))
     except InputsChanged as e:
         raise InputsChanged(f"{e}. Map task {rank}/{world} stopped before reading any input: this attempt "
                             "wrote no work file") from None
@@ -238,7 +259,7 @@ def map_files(cfg: ShardConfig, out: Path, rank: int, world: int) -> dict[str, A
     progress = _Progress(f"map {rank}/{world}")
     done = 0
     with ThreadPoolExecutor(max_workers=1) as pool:
-        for index in range(rank, len(recorded), world):
+        for index in _own_share(rank, world)(recorded):
             if tally_source(out, index) == recorded[index]:
                 continue  # finished by an earlier attempt, from this very file
             _map_file(recorded[index], index, cfg=cfg, out=out, tokenizer=tokenizer, steps=steps, hasher=hasher,

@@ -41,7 +41,7 @@ class DataConfig:
     seed: int = 1234  # seeds the per-epoch shuffle of every source; the mixing order itself is fixed
     split: str = "train"  # which split of every source to train on
     verify_hashes: bool = False  # also sha256 every shard at start (reads all data); always: sizes, each batch's XXH3
-    max_open_shards: int = 64  # shard readers open per source (LRU): a file handle + ~1 MiB decoded batch each
+    max_open_shards: int = 64  # shard readers open per source (LRU): a file handle + a 16 KiB decoded batch each
     prefetch: bool = True  # read the next micro-batch in a background thread while the current one trains
 
     def __post_init__(self) -> None:

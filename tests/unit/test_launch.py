@@ -148,7 +148,7 @@ def test_map_and_pack_arrays_are_no_larger_than_the_input_files(tmp_path: Path) 
     run_launch(cfg, run, fake)
 
     map_, dedup, _, pack, _ = fake.submissions
-    # Element e takes the files (and packing groups) i with i % 3 == e: a third element would find nothing.
+    # Two files among 3 elements (one file each, largest first) and at most 2 packing groups: a third finds none.
     assert (map_.tasks, dedup.tasks, pack.tasks) == (2, 2, 2)
     assert stages_of(run)["shard"]["tasks"] == 2 + 2 + 1 + 2 + 1
 

@@ -8,6 +8,7 @@ import json
 import os
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -76,10 +77,12 @@ def test_a_file_added_between_map_attempts_is_refused_by_name_and_nothing_is_los
     write_jsonl(inputs / "a.jsonl", 0)
     write_jsonl(inputs / "c.jsonl", 10)
     cfg, out = config(inputs, tokenizer), tmp_path / "shard"
-    map_files(cfg, out, 0, 2)  # element 0 of 2 does a.jsonl (input 0) and records the inputs
+    shares = stage.assign_by_size([(inputs / n).stat().st_size for n in ("a.jsonl", "c.jsonl")], 2)
+    a_rank = 0 if 0 in shares[0] else 1
+    map_files(cfg, out, a_rank, 2)  # the element that has a.jsonl (input 0) does it and records the inputs
     added = write_jsonl(inputs / "b.jsonl", 20)  # sorts between them: input 1 would now be b.jsonl
     with pytest.raises(ValueError) as refused:
-        map_files(cfg, out, 1, 2)
+        map_files(cfg, out, 1 - a_rank, 2)
     message = str(refused.value)
     assert str(added) in message and "1 added" in message
     assert "no work file" in message and "shard.dedup.previous" in message and "run.name" in message
@@ -87,7 +90,7 @@ def test_a_file_added_between_map_attempts_is_refused_by_name_and_nothing_is_los
     with pytest.raises(ValueError, match="1 added"):
         cluster_pairs(cfg, out)  # the cluster step, which checks every input, refuses it too
     added.unlink()  # back to the recorded inputs: the stage finishes with every original document, once
-    map_files(cfg, out, 1, 2)
+    map_files(cfg, out, 1 - a_rank, 2)
     for bucket in range(cfg.dedup.buckets):
         dedup_bucket(cfg, out, bucket)
     added = write_jsonl(inputs / "b.jsonl", 20)  # added again once the map is done: the cluster step refuses it
@@ -141,9 +144,10 @@ def test_unchanged_inputs_rerun_every_element_and_the_later_steps_to_identical_s
         [(os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in files]
     for i in range(len(files)):  # each tally names the file it was made from
         assert json.loads(work_files(out, i).tally.read_text())["source"] == recorded["files"][i]
-    work_files(out, 1).tally.unlink()  # a killed attempt of element 1: its second attempt redoes that file
-    assert map_files(cfg, out, 0, 2) == {"files": 0}  # both of its files are done
-    assert map_files(cfg, out, 1, 2) == {"files": 1}
+    owner = 0 if 1 in stage.assign_by_size([e["size"] for e in recorded["files"]], 2)[0] else 1
+    work_files(out, 1).tally.unlink()  # a killed attempt of input 1's element: its second attempt redoes that file
+    assert map_files(cfg, out, 1 - owner, 2) == {"files": 0}  # all of its files are done
+    assert map_files(cfg, out, owner, 2) == {"files": 1}
     stats = after_map(cfg, out)
     assert stats["docs_in"] == stats["docs_kept"] == 18
     assert shard_files(out) == shard_files(reference)
@@ -266,18 +270,36 @@ def test_a_map_element_stats_only_its_own_files_once_the_list_is_recorded(
     for i in range(8):
         write_jsonl(inputs / f"{i}.jsonl", 10 * i)
     cfg = config(inputs, tokenizer)
-    stage.bind_inputs(cfg, out, own=lambda i: i % 4 == 0)  # element 0 records all 8
+    shares = stage.assign_by_size([(inputs / f"{i}.jsonl").stat().st_size for i in range(8)], 4)
+    assert sorted(i for share in shares for i in share) == list(range(8)) and all(len(s) == 2 for s in shares)
+    owner = {i: rank for rank, share in enumerate(shares) for i in share}
+
+    def own(rank: int) -> Any:
+        return lambda recorded: stage.assign_by_size([e["size"] for e in recorded], 4)[rank]
+
+    stage.bind_inputs(cfg, out, own=own(0))  # element 0 records all 8
     calls: list[object] = []
     real_stat = os.stat
     monkeypatch.setattr(os, "stat", lambda *a, **k: calls.append(a[0]) or real_stat(*a, **k))
-    stage.bind_inputs(cfg, out, own=lambda i: i % 4 == 1)
+    stage.bind_inputs(cfg, out, own=own(1))
     monkeypatch.undo()
-    assert sorted(Path(str(c)).name for c in calls if str(c).endswith(".jsonl")) == ["1.jsonl", "5.jsonl"]
-    write_jsonl(inputs / "6.jsonl", 60, count=9)  # element 2's file grows
-    stage.bind_inputs(cfg, out, own=lambda i: i % 4 == 1)  # not element 1's business
+    assert sorted(Path(str(c)).name for c in calls if str(c).endswith(".jsonl")) == [f"{i}.jsonl" for i in shares[1]]
+    write_jsonl(inputs / "6.jsonl", 60, count=9)  # element owner[6]'s file grows
+    stage.bind_inputs(cfg, out, own=own((owner[6] + 1) % 4))  # not that element's business
     with pytest.raises(stage.InputsChanged, match=r"1 resized \(.*6\.jsonl"):
-        stage.bind_inputs(cfg, out, own=lambda i: i % 4 == 2)
+        stage.bind_inputs(cfg, out, own=own(owner[6]))
     with pytest.raises(stage.InputsChanged, match=r"1 resized"):
         stage.bind_inputs(cfg, out)  # as the cluster step binds them: every file
     with pytest.raises(stage.InputsChanged, match=r"1 resized \(.*6\.jsonl"):
         cluster_pairs(cfg, out)
+
+
+def test_map_elements_share_the_input_bytes_by_size_not_by_index() -> None:
+    # File i % 2 would give element 0 both large files (200 of 204 bytes); by size each element gets one.
+    sizes = [100, 1, 100, 1, 1, 1]
+    assert stage.assign_by_size(sizes, 2) == [[0, 1, 4], [2, 3, 5]]
+    assert stage.assign_by_size([0, 0, 0], 3) == [[0], [1], [2]]  # empty files too: one each, none left idle
+    assert stage.assign_by_size([5, 5], 4) == [[0], [1], [], []]  # more elements than files: the first ones
+    shares = stage.assign_by_size(list(range(1000, 0, -3)), 7)
+    loads = [sum(range(1000, 0, -3)[i] for i in share) for share in shares]
+    assert max(loads) - min(loads) <= 1000 and sorted(i for s in shares for i in s) == list(range(334))
