@@ -1,9 +1,11 @@
 """Shard stage throughput, measured side by side in one run on the same documents.
 
-    .venv/bin/python benchmarks/shard_throughput.py [--mb 36] [--threads 2] [--docs 600] [--skip-datatrove]
+    .venv/bin/python benchmarks/shard_throughput.py [--mb 36] [--threads 2] [--workers 2] [--docs 600]
+        [--skip-datatrove]
 
 Figures (goal):
   end-to-end shard stage / bare `encode_batch`, same tokenizer and threads   (>= 0.85)
+  the same with cleaning and tokenizing in the task's one process (shard.workers = 1), side by side
   MinHash signatures, ours / datasketch `MinHash.bulk`, same shingles         (>= 2)
   near-duplicate precision and recall on planted near copies                 (>= 0.95 each)
   end-to-end shard stage / datatrove's equivalent pipeline                   (>= 5)
@@ -78,7 +80,7 @@ def bare_encode(tokenizer_path: Path, texts: list[str]) -> float:
     return time.perf_counter() - start
 
 
-def end_to_end(corpus: Path, tokenizer_path: Path, threads: int) -> tuple[float, dict[str, object]]:
+def end_to_end(corpus: Path, tokenizer_path: Path, threads: int, workers: int) -> tuple[float, dict[str, object]]:
     from launcher.config import config_hash
     from launcher.run_config import load_run_config
     from sharding.reduce import run_all
@@ -87,7 +89,8 @@ def end_to_end(corpus: Path, tokenizer_path: Path, threads: int) -> tuple[float,
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     cfg = load_run_config(None, [f"shard.inputs=[{json.dumps(str(corpus))}]", f"shard.tokenizer={tokenizer_path}",
-                                 "shard.tasks=1", f"shard.threads={threads}", "shard.reader.group_field=group"]).shard
+                                 "shard.tasks=1", f"shard.threads={threads}", f"shard.workers={workers}",
+                                 "shard.reader.group_field=group"]).shard
     start = time.perf_counter()
     stats = run_all(cfg, out, config_hash(cfg.data_config()))
     return time.perf_counter() - start, stats
@@ -97,6 +100,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mb", type=float, default=36.0, help="MB of English text (default 36)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="tokenizer threads, both sides")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                        help="map worker processes (shard.workers) of the end-to-end run (default: the cores)")
     parser.add_argument("--docs", type=int, default=600,
                         help="distinct documents for near-dup precision/recall (default 600; fewer for a small --mb)")
     parser.add_argument("--skip-datatrove", action="store_true", help="leave out the datatrove comparison")
@@ -109,12 +114,14 @@ def main() -> None:
     print(f"{len(texts)} documents, {mb:.1f} MB; tokenizer threads {args.threads}", flush=True)
 
     bare_before = bare_encode(tokenizer_path, texts)
-    ours_s, stats = end_to_end(corpus, tokenizer_path, args.threads)
+    ours_s, stats = end_to_end(corpus, tokenizer_path, args.threads, args.workers)
+    one_s, one_stats = end_to_end(corpus, tokenizer_path, args.threads, 1)
     bare_after = bare_encode(tokenizer_path, texts)
+    assert one_stats == stats, "the shard stage's output depends on shard.workers"
     bare = mb / ((bare_before + bare_after) / 2)
-    ours = mb / ours_s
-    print(f"shard stage kept {stats['docs_kept']} of {stats['docs_in']} documents; end-to-end {ours:.2f} MB/s, "
-          f"bare encode_batch {bare:.2f} MB/s", flush=True)
+    ours, one = mb / ours_s, mb / one_s
+    print(f"shard stage kept {stats['docs_kept']} of {stats['docs_in']} documents; end-to-end {ours:.2f} MB/s with "
+          f"{args.workers} workers, {one:.2f} MB/s in one process; bare encode_batch {bare:.2f} MB/s", flush=True)
 
     import numpy as np
     from minhash_quality import distinct_bases, quality, scattered_edits, span_edits, throughput
@@ -128,6 +135,8 @@ def main() -> None:
         ("bare encode_batch MB/s", f"{bare:.2f}", "", None),
         ("end-to-end shard stage MB/s", f"{ours:.2f}", "", None),
         ("end-to-end / bare encode_batch", f"{ours / bare:.2f}", ">= 0.85", ours / bare >= 0.85),
+        ("end-to-end in one process (shard.workers = 1) MB/s", f"{one:.2f}", "", None),
+        ("end-to-end in one process / bare encode_batch", f"{one / bare:.2f}", "", None),
         ("MinHash MB/s ours / datasketch", f"{mh_ours:.2f} / {mh_theirs:.2f}", "", None),
         ("MinHash ours / datasketch", f"{mh_ours / mh_theirs:.2f}", ">= 2", mh_ours / mh_theirs >= 2),
     ]

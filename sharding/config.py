@@ -169,6 +169,7 @@ class ShardConfig:
     pack_shards: int = 8  # shards' worth of input tokens per packing group (parallel unit; its tail row is dropped)
     encode_batch: int = 256  # documents per tokenizer call
     threads: int = 0  # tokenizer threads per task (0: resources.cpus_per_task)
+    workers: int = 0  # processes that clean and tokenize per map task (0: resources.cpus_per_task; 1: in the task)
     reader: ReaderConfig = field(default_factory=ReaderConfig)  # input format: text, id and group fields
     clean: CleanConfig = field(default_factory=CleanConfig)  # ordered cleaning steps and their thresholds
     dedup: DedupConfig = field(default_factory=DedupConfig)  # exact and near-duplicate removal
@@ -181,8 +182,9 @@ class ShardConfig:
         for name in ("tasks", "shard_sequences", "encode_batch", "pack_shards"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.threads < 0:
-            raise ValueError(f"threads must not be negative, got {self.threads}")
+        for name in ("threads", "workers"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
 
     def data_config(self) -> dict[str, object]:
         """What decides the bytes of the output: everything but where and how parallel it runs.
@@ -190,7 +192,7 @@ class ShardConfig:
         Its hash goes into the manifest, so the manifest is identical for 1 task or 100.
         """
         data = dataclasses.asdict(self)
-        for name in ("resources", "tasks", "threads", "encode_batch"):
+        for name in ("resources", "tasks", "threads", "workers", "encode_batch"):
             data.pop(name)
         data["dedup"].pop("buckets")  # type: ignore[union-attr]
         return data

@@ -15,28 +15,24 @@ Each tally names the input it was made from, so the cluster step checks work fil
 
 from __future__ import annotations
 
-import hashlib
 import heapq
 import json
 import os
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 
 from common.publish import commit_file, publish_json, publish_json_once, temp_path
 from sharding.buckets import UnitWriter
-from sharding.clean import build_steps
 from sharding.config import ShardConfig
 from sharding.dedup_index import Previous
-from sharding.documents import Doc, Tally
-from sharding.minhash import MinHasher, exact_hash
-from sharding.readers import InputError, expand_inputs, location, preflight, read_file
+from sharding.documents import Tally
+from sharding.map_workers import MapEncoder
+from sharding.readers import InputError, expand_inputs, preflight, read_file
 from sharding.tokenize import load_tokenizer
 
 COMPLETE = "COMPLETE"
@@ -210,12 +206,6 @@ def tally_source(out: Path, index: int) -> Any:
     return None if tally is None else tally.get("source")
 
 
-def in_validation(group: str, fraction: float) -> bool:
-    """Deterministic split by a hash of the document's group: the same on every run and rank."""
-    value = int.from_bytes(hashlib.blake2b(group.encode(), digest_size=8).digest(), "little")
-    return value < fraction * 2**64
-
-
 class _Progress:
     """A log line every `every` seconds: progress bars do not survive Slurm log files."""
 
@@ -252,39 +242,23 @@ def map_files(cfg: ShardConfig, out: Path, rank: int, world: int) -> dict[str, A
     # Earlier rounds' index: this element's share of its parts checked before any work is done on it.
     Previous.load([Path(p) for p in cfg.dedup.previous], cfg.dedup.minhash).verify(out / WORK, rank, world)
     threads = cfg.threads or cfg.resources.cpus_per_task
-    os.environ.setdefault("RAYON_NUM_THREADS", str(threads))  # read when the tokenizer first runs in parallel
-    tokenizer, _ = load_tokenizer(cfg.tokenizer, cfg.eos_token)
-    steps = build_steps(cfg.clean, cfg.reader.text_field)
-    hasher = MinHasher(cfg.dedup.minhash)
+    encoder = MapEncoder(cfg, cfg.workers or cfg.resources.cpus_per_task, threads)
     progress = _Progress(f"map {rank}/{world}")
     done = 0
-    with ThreadPoolExecutor(max_workers=1) as pool:
+    try:
         for index in _own_share(rank, world)(recorded):
             if tally_source(out, index) == recorded[index]:
                 continue  # finished by an earlier attempt, from this very file
-            _map_file(recorded[index], index, cfg=cfg, out=out, tokenizer=tokenizer, steps=steps, hasher=hasher,
-                      pool=pool, progress=progress)
+            _map_file(recorded[index], index, cfg=cfg, out=out, encoder=encoder, progress=progress)
             done += 1
+    finally:
+        encoder.close()
     progress.report(f"{done} files")
     return {"files": done}
 
 
-def _encode(cfg: ShardConfig, docs: list[Doc], tokenizer: Any, hasher: MinHasher) -> tuple[Any, ...]:
-    """Runs on the worker thread: the tokenizer and numpy release the GIL while cleaning goes on."""
-    texts = [d.text for d in docs]
-    encodings = tokenizer.encode_batch_fast(texts, add_special_tokens=False)
-    ids = [np.asarray(e.ids, dtype=np.uint32) for e in encodings]
-    offsets = np.zeros(len(ids) + 1, dtype=np.int64)
-    np.cumsum([len(i) for i in ids], out=offsets[1:])
-    values = np.concatenate(ids) if ids else np.empty(0, np.uint32)
-    tokens = pa.record_batch({"record": pa.array([d.record for d in docs], pa.int64()),
-                              "val": pa.array([in_validation(d.group, cfg.val_fraction) for d in docs]),
-                              "tokens": pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(values))})
-    return [exact_hash(t) for t in texts], hasher.signatures(texts), tokens
-
-
-def _map_file(source: dict[str, Any], index: int, *, cfg: ShardConfig, out: Path, tokenizer: Any,
-              steps: list[Any], hasher: MinHasher, pool: ThreadPoolExecutor, progress: _Progress) -> None:
+def _map_file(source: dict[str, Any], index: int, *, cfg: ShardConfig, out: Path, encoder: MapEncoder,
+              progress: _Progress) -> None:
     """Input file `index` (`source`, its recorded {path, size, mtime_ns}) to its work files, then its tally, the
     file's completion marker, which names the source."""
     path = Path(source["path"])
@@ -294,36 +268,14 @@ def _map_file(source: dict[str, Any], index: int, *, cfg: ShardConfig, out: Path
     tokens_tmp = temp_path(files.tokens)  # pyarrow writes it by name
     sink = pa.OSFile(str(tokens_tmp), "wb")
     writer = pa.ipc.new_file(sink, TOKENS_SCHEMA, options=pa.ipc.IpcWriteOptions(compression="zstd"))
-    pending: Future[tuple[Any, ...]] | None = None
     token_count = 0
-
-    def write(encoded: tuple[Any, ...]) -> None:
-        nonlocal token_count
-        exact, sigs, batch = encoded
-        dedup.add(exact, sigs)
-        writer.write_batch(batch)
-        token_count += len(batch.column("tokens").values)
-
     try:
-        batch: list[Doc] = []
-        for doc in read_file(path, index, cfg.reader, tally):
-            for step in steps:
-                if reason := step(doc, tally):
-                    tally.drop(reason, location(path, doc.record))
-                    break
-            else:
-                batch.append(doc)
-            if len(batch) >= cfg.encode_batch:
-                if pending is not None:
-                    write(pending.result())
-                pending = pool.submit(_encode, cfg, batch, tokenizer, hasher)
-                progress.add(len(batch), sum(len(d.text) for d in batch), path.name)
-                batch = []
-        if pending is not None:
-            write(pending.result())
-        if batch:
-            write(_encode(cfg, batch, tokenizer, hasher))
-            progress.add(len(batch), sum(len(d.text) for d in batch), path.name)
+        for done in encoder.run(read_file(path, index, cfg.reader, tally), path, tally):
+            exact, sigs, batch = done.encoded
+            dedup.add(exact, sigs)
+            writer.write_batch(batch)
+            token_count += len(batch.column("tokens").values)
+            progress.add(done.docs, done.chars, path.name)
     except BaseException:
         dedup.abandon()
         sink.close()
