@@ -1,7 +1,7 @@
 """The shard format, in one place: zstd Arrow IPC files of packed token sequences, and the manifest.
 
-A shard is an Arrow IPC *file* (random access by record batch; memory-map it and only the batch
-you read is decompressed) with one column, `input_ids: fixed_size_list<uint16|uint32>[seq_len]`,
+A shard is an Arrow IPC *file* (random access by record batch: only the batch you read is read and
+decompressed, see sharding/shard_reader.py) with one column, `input_ids: fixed_size_list<uint16|uint32>[seq_len]`,
 one row per packed sequence, in record batches of BATCH_BYTES (16 KiB) of tokens or one row if a row is larger.
 `manifest.json` beside the shards records, per shard, its split, rows, tokens, bytes and sha256, and for the whole
 set the tokenizer fingerprint, seq_len, dtype and the config hash that produced it.

@@ -178,7 +178,14 @@ def assign_by_size(sizes: Sequence[int], world: int) -> list[list[int]]:
 
 
 def _own_share(rank: int, world: int) -> Callable[[list[dict[str, Any]]], list[int]]:
-    return lambda recorded: assign_by_size([int(e["size"]) for e in recorded], world)[rank]
+    """Element `rank`'s files of the recorded list, computed once (the binding and the map loop both ask)."""
+    mine: list[list[int]] = []
+
+    def share(recorded: list[dict[str, Any]]) -> list[int]:
+        if not mine:
+            mine.append(assign_by_size([int(e["size"]) for e in recorded], world)[rank])
+        return mine[0]
+    return share
 
 
 def check_recorded_inputs(cfg: ShardConfig, out: Path, files: Sequence[Path] | None = None) -> None:
@@ -234,8 +241,9 @@ def map_files(cfg: ShardConfig, out: Path, rank: int, world: int) -> dict[str, A
         check_recorded_inputs(cfg, out)  # a finished stage whose inputs changed since must not look current
         return {"skipped": "stage already complete"}
     (out / WORK).mkdir(parents=True, exist_ok=True)
+    share = _own_share(rank, world)
     try:
-        recorded = bind_inputs(cfg, out, own=_own_share(rank, world))
+        recorded = bind_inputs(cfg, out, own=share)
     except InputsChanged as e:
         raise InputsChanged(f"{e}. Map task {rank}/{world} stopped before reading any input: this attempt "
                             "wrote no work file") from None
@@ -246,7 +254,7 @@ def map_files(cfg: ShardConfig, out: Path, rank: int, world: int) -> dict[str, A
     progress = _Progress(f"map {rank}/{world}")
     done = 0
     try:
-        for index in _own_share(rank, world)(recorded):
+        for index in share(recorded):
             if tally_source(out, index) == recorded[index]:
                 continue  # finished by an earlier attempt, from this very file
             _map_file(recorded[index], index, cfg=cfg, out=out, encoder=encoder, progress=progress)
