@@ -24,7 +24,7 @@ from common.checksum import xxh3_int
 # One entry per record batch, packed little-endian: 20 bytes.
 BATCH_TABLE = np.dtype([("offset", "<u8"), ("length", "<u4"), ("xxh3", "<u8")])
 # Entries per checked block of a table file: 2,560 bytes read per block; 8 bytes of hash (11 of base64) in the
-# manifest per 128 batches, i.e. per 2 MiB of tokens: ~3 MB of manifest for a terabyte of token bytes.
+# manifest per 128 batches, i.e. per 2 MiB of tokens: ~5 MB of manifest for a terabyte of token bytes.
 BLOCK = 128
 SUFFIX = ".batches"
 
