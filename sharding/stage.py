@@ -261,7 +261,7 @@ def map_files(cfg: ShardConfig, out: Path, rank: int, world: int) -> dict[str, A
             done += 1
     finally:
         encoder.close()
-    progress.report(f"{done} files")
+    progress.report(f"{done} files" + (f", {encoder.workers} worker processes" if encoder.workers > 1 else ""))
     return {"files": done}
 
 

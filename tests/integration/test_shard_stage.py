@@ -151,7 +151,9 @@ def test_job_arrays_and_single_steps_on_the_slurm_cluster(tmp_path: Path, corpor
     local = one_task_shards  # the same inputs and config, sharded by 1 local task
     (tmp_path / "slurm").mkdir()
     config = shard_config(tmp_path / "slurm", inputs, tokenizer_dir)
-    assert main(["submit", str(config), "shard.tasks=3"]) == 0
+    # 2 cores per element: each map element cleans and tokenizes in 2 worker processes (shard.workers = 0), the
+    # local run in its own process; the bytes must not tell them apart.
+    assert main(["submit", str(config), "shard.tasks=3", "shard.resources.cpus_per_task=2"]) == 0
     run = RunDir(tmp_path / "slurm" / "runs" / "shard")
     entry = wait_finished(run, "shard", timeout=300)
     assert entry["status"] == "completed", entry
