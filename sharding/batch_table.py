@@ -83,24 +83,33 @@ class BatchTable:
 
     def _block(self, b: int) -> np.ndarray:
         if (block := self._read.get(b)) is None:
-            assert self.path is not None and self._blocks is not None
-            want = min(BLOCK, self.count - b * BLOCK) * BATCH_TABLE.itemsize
-            try:
-                fd = os.open(self.path, os.O_RDONLY)
-                try:  # one block of a table, anywhere in it: read-ahead would fetch blocks no one asked for
-                    if hasattr(os, "posix_fadvise"):
-                        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
-                    raw = os.pread(fd, want, b * BLOCK * BATCH_TABLE.itemsize)
-                finally:
-                    os.close(fd)
-            except OSError as e:
-                raise TableError(f"{self.path}: unreadable ({e.strerror})") from None
-            self.bytes_read += len(raw)
-            if len(raw) != want or xxh3_int(raw) != int(self._blocks[b]):
+            self._load(b, b + 1)
+            block = self._read[b]
+        return block
+
+    def _load(self, first: int, end: int) -> None:
+        """Blocks [first, end) read with one pread and each checked against its hash in the manifest."""
+        assert self.path is not None and self._blocks is not None
+        size = BATCH_TABLE.itemsize
+        want = (min(end * BLOCK, self.count) - first * BLOCK) * size
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+            try:  # a block anywhere in the table: read-ahead would fetch blocks no one asked for
+                if hasattr(os, "posix_fadvise"):
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+                raw = os.pread(fd, want, first * BLOCK * size)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            raise TableError(f"{self.path}: unreadable ({e.strerror})") from None
+        self.bytes_read += len(raw)
+        for b in range(first, end):
+            part = raw[(b - first) * BLOCK * size:(b - first + 1) * BLOCK * size]
+            if len(part) != (min((b + 1) * BLOCK, self.count) - b * BLOCK) * size or \
+                    xxh3_int(part) != int(self._blocks[b]):
                 raise TableError(f"{self.path}: block {b} of its batch table differs from the manifest's XXH3 "
                                  "(damaged, truncated or of another shard)")
-            block = self._read[b] = np.frombuffer(raw, BATCH_TABLE)
-        return block
+            self._read[b] = np.frombuffer(part, BATCH_TABLE)
 
     def entry(self, i: int) -> tuple[int, int, int]:
         """(offset, length, xxh3) of batch i as plain ints."""
@@ -108,10 +117,13 @@ class BatchTable:
         return offset, length, digest
 
     def entries(self) -> np.ndarray:
-        """The whole table, every block checked (for `inspect --verify`)."""
-        if not self.count:
+        """The whole table, every block checked (for `inspect --verify`): one read of the file."""
+        blocks = -(-self.count // BLOCK)
+        if not blocks:
             return np.zeros(0, BATCH_TABLE)
-        return np.concatenate([self._block(b) for b in range(-(-self.count // BLOCK))])
+        if len(self._read) < blocks:
+            self._load(0, blocks)
+        return np.concatenate([self._read[b] for b in range(blocks)])
 
 
 def stored_batch(data: pa.Buffer, entry: tuple[int, int, int]) -> pa.Buffer | None:
