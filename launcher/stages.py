@@ -79,17 +79,20 @@ def _probe(cfg: RunConfig, layout: RunLayout, env: TaskEnv, element: int | None)
 
 
 def _shard_elements(cfg: RunConfig) -> int:
-    """Map and pack array elements: shard.tasks, but no more than there are input files. The files are shared by
-    size, each element getting one before any gets two, and packing groups (never more than files) g go to element
-    g % shard.tasks, so an element past the last file would only start, find nothing and leave; the count stays
-    shard.tasks when the inputs expand to nothing or not at all (the preflight says why)."""
+    """Map and pack array elements: shard.tasks, but no more than there are map units (input files, large ones
+    counted by their pieces: `sharding.units`, from one stat per file). The units are shared by size, each element
+    getting one before any gets two, and packing groups (never more than units) g go to element g % shard.tasks,
+    so an element past the last unit would only start, find nothing and leave; the count stays shard.tasks when
+    the inputs expand to nothing or not at all (the preflight says why)."""
     from sharding.readers import InputError, expand_inputs
+    from sharding.stage import stat_inputs
+    from sharding.units import plan_units
 
     try:
-        files = len(expand_inputs(cfg.shard.inputs))
+        units = len(plan_units(stat_inputs(expand_inputs(cfg.shard.inputs)), cfg.shard.split_mb))
     except (InputError, ValueError):
         return cfg.shard.tasks
-    return min(cfg.shard.tasks, files) if files else cfg.shard.tasks
+    return min(cfg.shard.tasks, units) if units else cfg.shard.tasks
 
 
 def _shard_map(cfg: RunConfig, layout: RunLayout, env: TaskEnv, element: int | None) -> Any:

@@ -16,7 +16,6 @@ import pyarrow as pa
 from sharding.buckets import KeySpace
 from sharding.documents import SAMPLES_PER_REASON, Tally
 from sharding.minhash import _components
-from sharding.readers import location
 
 REASONS = ("dedup.exact", "dedup.exact_previous_round", "dedup.near", "dedup.near_previous_round")
 
@@ -58,9 +57,10 @@ def _record(tokens: Path, row: int) -> int:
     raise IndexError(f"{tokens} has no row {row}")
 
 
-def dedup_tally(drops: np.ndarray, space: KeySpace, files: Sequence[Path],
+def dedup_tally(drops: np.ndarray, space: KeySpace, where: Callable[[int, int], str],
                 tokens: Callable[[int], Path]) -> Tally:
-    """The drops counted by reason, with the first few located (file:record) like every other drop reason."""
+    """The drops counted by reason, with the first few located like every other drop reason: `where(unit,
+    record)` names a record of a unit, `tokens(unit)` is the unit's tokens file."""
     tally = Tally()
     for code, reason in enumerate(REASONS):
         mine = drops[drops["reason"] == code]
@@ -70,19 +70,19 @@ def dedup_tally(drops: np.ndarray, space: KeySpace, files: Sequence[Path],
         examples = tally.samples.setdefault(reason, [])
         for entry in mine[:SAMPLES_PER_REASON]:
             unit, row = int(space.unit_of(entry["key"])), int(space.row_of(entry["key"]))
-            where = location(files[unit], _record(tokens(unit), row))
+            at = where(unit, _record(tokens(unit), row))
             if code % 2:
                 original = "an earlier round"
             else:
                 rep_unit, rep_row = int(space.unit_of(entry["rep"])), int(space.row_of(entry["rep"]))
-                original = location(files[rep_unit], _record(tokens(rep_unit), rep_row))
-            examples.append(f"{where}: duplicate of {original}")
+                original = where(rep_unit, _record(tokens(rep_unit), rep_row))
+            examples.append(f"{at}: duplicate of {original}")
     tally.dropped = +tally.dropped  # no zero counts: the summary lists reasons that happened
     return tally
 
 
 def pack_groups(unit_tokens: Sequence[int], target: int) -> list[list[int]]:
-    """Consecutive input files in groups of at least `target` tokens (the last may hold fewer): a function of
+    """Consecutive map units in groups of at least `target` tokens (the last may hold fewer): a function of
     the map's output alone, so packing, and the shards, do not depend on the number of tasks."""
     groups: list[list[int]] = [[]]
     held = 0

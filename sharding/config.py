@@ -165,6 +165,7 @@ class ShardConfig:
     seq_len: int = 2048  # tokens per packed sequence
     val_fraction: float = 0.01  # share of document groups held out for validation, chosen by hash
     tasks: int = 4  # job array elements that clean and tokenize input files; output is the same for any count
+    split_mb: float = 1024.0  # JSONL and Parquet files larger than this are mapped in pieces of it (0: never split)
     shard_sequences: int = 16384  # packed sequences per shard file
     pack_shards: int = 8  # shards' worth of input tokens per packing group (parallel unit; its tail row is dropped)
     encode_batch: int = 256  # documents per tokenizer call
@@ -182,8 +183,8 @@ class ShardConfig:
         for name in ("tasks", "shard_sequences", "encode_batch", "pack_shards"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("threads", "workers"):
-            if getattr(self, name) < 0:
+        for name in ("threads", "workers", "split_mb"):
+            if not getattr(self, name) >= 0:  # nan too
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
 
     def data_config(self) -> dict[str, object]:

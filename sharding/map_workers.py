@@ -57,13 +57,14 @@ class Tools:
         tokenizer, _ = load_tokenizer(cfg.tokenizer, cfg.eos_token)
         return cls(cfg, tokenizer, build_steps(cfg.clean, cfg.reader.text_field), MinHasher(cfg.dedup.minhash))
 
-    def clean(self, docs: list[Doc], path: Path, tally: Tally) -> list[Doc]:
-        """The documents every cleaning step keeps (edited in place); the others dropped into `tally`."""
+    def clean(self, docs: list[Doc], path: Path, tally: Tally, split: bool) -> list[Doc]:
+        """The documents every cleaning step keeps (edited in place); the others dropped into `tally`, located as
+        records of `path` (of a piece of it when `split`)."""
         kept = []
         for doc in docs:
             for step in self.steps:
                 if reason := step(doc, tally):
-                    tally.drop(reason, location(path, doc.record))
+                    tally.drop(reason, location(path, doc.record, split))
                     break
             else:
                 kept.append(doc)
@@ -90,11 +91,11 @@ def _start_worker(cfg: ShardConfig, threads: int) -> None:
     _WORKER["tools"] = Tools.build(cfg)
 
 
-def _work(docs: list[Doc], path: Path) -> tuple[Tally, int, Encoded]:
+def _work(docs: list[Doc], path: Path, split: bool) -> tuple[Tally, int, Encoded]:
     """In a worker: one batch cleaned and encoded; (its drops and edits, its characters read, what to write)."""
     tools, tally = _WORKER["tools"], Tally()
     chars = sum(len(d.text) for d in docs)
-    return tally, chars, tools.encode(tools.clean(docs, path, tally))
+    return tally, chars, tools.encode(tools.clean(docs, path, tally, split))
 
 
 @dataclass
@@ -126,28 +127,29 @@ class MapEncoder:
         else:
             self._pool = ThreadPoolExecutor(max_workers=1)
 
-    def run(self, docs: Iterable[Doc], path: Path, tally: Tally) -> Iterator[Done]:
-        """The results of `docs` (read from `path`) batch by batch, in order; drops and edits go into `tally`."""
+    def run(self, docs: Iterable[Doc], path: Path, tally: Tally, split: bool = False) -> Iterator[Done]:
+        """The results of `docs` (read from `path`, from a piece of it when `split`) batch by batch, in order;
+        drops and edits go into `tally`."""
         inflight: deque[tuple[Future[Any], int, int]] = deque()
         limit = 2 * self.workers if self.workers > 1 else 1
         batch: list[Doc] = []
         for doc in docs:
             batch.append(doc)
             if len(batch) >= self.cfg.encode_batch:
-                inflight.append(self._submit(batch, path, tally))
+                inflight.append(self._submit(batch, path, tally, split))
                 batch = []
                 while len(inflight) > limit:
                     yield self._collect(inflight.popleft(), tally)
         if batch:
-            inflight.append(self._submit(batch, path, tally))
+            inflight.append(self._submit(batch, path, tally, split))
         while inflight:
             yield self._collect(inflight.popleft(), tally)
 
-    def _submit(self, batch: list[Doc], path: Path, tally: Tally) -> tuple[Future[Any], int, int]:
+    def _submit(self, batch: list[Doc], path: Path, tally: Tally, split: bool) -> tuple[Future[Any], int, int]:
         if self.workers > 1:
-            return self._pool.submit(_work, batch, path), len(batch), 0
+            return self._pool.submit(_work, batch, path, split), len(batch), 0
         chars = sum(len(d.text) for d in batch)
-        return self._pool.submit(self._tools.encode, self._tools.clean(batch, path, tally)), len(batch), chars
+        return self._pool.submit(self._tools.encode, self._tools.clean(batch, path, tally, split)), len(batch), chars
 
     def _collect(self, item: tuple[Future[Any], int, int], tally: Tally) -> Done:
         future, docs, chars = item

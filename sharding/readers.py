@@ -10,6 +10,10 @@ decompressed in small steps, Parquet batch by batch (so one row group at a time 
 text file bigger than `max_doc_bytes` is never read. A record that cannot become a document is
 dropped with one of READ_REASONS; content problems never raise, I/O errors do (a requeue retries).
 Drop locations are `path:line` for JSONL (1-based, as editors count) and `path#row` for Parquet.
+
+A reader can be given one `Piece` of a large file (`sharding.units` plans them): a JSONL piece reads the lines
+that start in its byte range, and locates them as `path@byte` (the line's first byte: a piece does not know how
+many lines come before it); a Parquet piece reads its share of the row groups, rows numbered as in the whole file.
 """
 
 from __future__ import annotations
@@ -20,15 +24,16 @@ import json
 import os
 import sys
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import zstandard
 
 from sharding.config import ReaderConfig
 from sharding.documents import Doc, Tally
+from sharding.zstd_stream import Truncated, ZstdRaw
 
 READ_REASONS = ("read.malformed_json", "read.not_an_object", "read.invalid_utf8", "read.nul_bytes", "read.too_long",
                 "read.missing_text", "read.empty_text", "read.truncated", "read.unreadable")
@@ -36,12 +41,33 @@ FOLDER_SUFFIXES = (".jsonl", ".jsonl.zst", ".parquet", ".txt", ".md", ".rst")
 # Compressed inputs we cannot read: reading them as plain text would drop them one by one instead of failing early.
 UNSUPPORTED_SUFFIXES = (".gz", ".bz2", ".xz", ".zip", ".zst", ".lz4", ".7z", ".tar")
 _SKIP_CHUNK = 1 << 16  # bytes read at a time while skipping the rest of an over-long line
-_ZSTD_STEP = 1 << 12  # compressed bytes per decompression call: bounds its output to ~128 MB even for a zstd bomb
 _PARQUET_BATCH = 256  # rows per Parquet batch
 
 
 class InputError(ValueError):
     """The inputs cannot be used as given: one line, raised before any work starts."""
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Which part of an input file to read (`sharding.units`); count 1: the whole file."""
+
+    index: int  # 0-based
+    count: int  # pieces of the file
+    start: int  # JSONL: the lines starting at byte offsets in [start, stop); Parquet: row groups by index share
+    stop: int
+
+    @property
+    def split(self) -> bool:
+        return self.count > 1
+
+
+WHOLE = Piece(0, 1, 0, 0)
+
+
+def splittable(path: str | Path) -> bool:
+    """Whether a file can be read in pieces: JSONL and Parquet (zstd has no seek table; text is one document)."""
+    return _kind(Path(path)) in ("jsonl", "parquet")
 
 
 # --- finding the inputs ---------------------------------------------------------------------------------------------
@@ -93,87 +119,48 @@ def expand_inputs(patterns: Sequence[str]) -> list[Path]:
 
 # --- JSONL -----------------------------------------------------------------------------------------------------------
 
-class _Truncated(Exception):
-    """The compressed stream stops inside a frame (a cut-off copy), or is not zstd from some point on."""
-
-    def __init__(self, message: str, corrupt: bool) -> None:
-        super().__init__(message)
-        self.corrupt = corrupt
-
-
-class _ZstdRaw(io.RawIOBase):
-    """Frame-by-frame zstd decompression in small steps.
-
-    python-zstandard's stream_reader reports a cut-off file as a clean end of file and stops at the
-    first frame of a multi-frame file; this notices both.
-    """
-
-    def __init__(self, source: BinaryIO) -> None:
-        self._source = source
-        self._dctx = zstandard.ZstdDecompressor()
-        self._dobj = self._dctx.decompressobj()
-        self._in_frame = False  # the current frame has been fed input but not finished
-        self._out = memoryview(b"")
-        self.produced = 0  # decompressed bytes so far: none means the file is not zstd at all
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        while not self._out:
-            chunk = self._source.read(_ZSTD_STEP)
-            if not chunk:
-                if self._in_frame:
-                    raise _Truncated("the last zstd frame is cut off", corrupt=False)
-                return 0
-            try:
-                self._out = memoryview(self._feed(chunk))
-            except zstandard.ZstdError as e:
-                raise _Truncated(f"zstd: {_brief(e)}", corrupt=True) from None
-        n = min(len(buffer), len(self._out))
-        buffer[:n] = self._out[:n]
-        self._out = self._out[n:]
-        self.produced += n
-        return n
-
-    def _feed(self, chunk: bytes) -> bytes:
-        parts = []
-        while chunk:
-            parts.append(self._dobj.decompress(chunk))
-            self._in_frame = not self._dobj.eof
-            if self._in_frame:
-                break
-            chunk = self._dobj.unused_data  # the next frame starts inside this chunk
-            self._dobj = self._dctx.decompressobj()
-        return b"".join(parts)
+def _next_line_start(raw: BinaryIO, offset: int) -> int:
+    """The first line start at or after `offset` > 0, found reading a chunk at a time (the line that `offset`
+    falls inside may be far longer than any limit)."""
+    raw.seek(offset - 1)
+    while (chunk := raw.readline(_SKIP_CHUNK)) and not chunk.endswith(b"\n"):
+        pass
+    return raw.tell()
 
 
-def _lines(path: Path, limit: int, tally: Tally) -> Iterator[tuple[int, bytes, bool]]:
-    """(0-based line number, line, is the last line without a newline) of a JSONL file, blank lines skipped.
+def _lines(path: Path, limit: int, tally: Tally, piece: Piece = WHOLE) -> Iterator[tuple[int, bytes, bool]]:
+    """(record, line, is the last line without a newline) of a JSONL file, blank lines skipped. The record is the
+    0-based line number, or in a piece of a split file the byte offset of the line's start.
 
     Lines over `limit` bytes are counted and dropped here without ever being held whole.
     """
+    split = piece.split
     with open(path, "rb") as raw:
-        zst = _ZstdRaw(raw) if _kind(path) == "jsonl.zst" else None
+        zst = ZstdRaw(raw) if _kind(path) == "jsonl.zst" else None
         stream: BinaryIO = io.BufferedReader(zst, 1 << 16) if zst else raw  # type: ignore[assignment]
+        pos = _next_line_start(raw, piece.start) if split and piece.start else 0
+        stop = piece.stop if split else None
         number, records = -1, 0
         try:
-            while line := stream.readline(limit + 1):
+            while (stop is None or pos < stop) and (line := stream.readline(limit + 1)):
                 number += 1
+                record, first = (pos if split else number), pos == 0
+                pos += len(line)
                 if len(line) > limit and not line.endswith(b"\n"):
                     while (rest := stream.readline(_SKIP_CHUNK)) and not rest.endswith(b"\n"):
-                        pass
+                        pos += len(rest)
+                    pos += len(rest)
                     records += 1
                     tally.docs_in += 1
-                    tally.drop("read.too_long", f"{path}:{number + 1}", f"line longer than {limit} bytes")
+                    tally.drop("read.too_long", location(path, record, split), f"line longer than {limit} bytes")
                     continue
-                if number == 0 and line.startswith(b"\xef\xbb\xbf"):
+                if first and line.startswith(b"\xef\xbb\xbf"):
                     line = line[3:]
                 if line.isspace() or not line:
                     continue
                 records += 1
-                yield number, line, not line.endswith(b"\n")
-        except _Truncated as e:
+                yield record, line, not line.endswith(b"\n")
+        except Truncated as e:
             if e.corrupt and zst is not None and zst.produced == 0:  # not zstd at all
                 tally.files["unreadable"] += 1
                 _warn(path, f"unreadable, skipped: {_brief(e)}")
@@ -182,7 +169,7 @@ def _lines(path: Path, limit: int, tally: Tally) -> Iterator[tuple[int, bytes, b
             tally.docs_in += 1
             tally.files["truncated_zst"] += 1
             tally.drop("read.truncated", f"{path}:{number + 2}", _brief(e))
-    if records == 0:
+    if records == 0 and not split:  # a piece can hold no line start; the file itself is not empty
         tally.files["empty"] += 1
 
 
@@ -225,10 +212,12 @@ def _doc(text: str, obj: dict[str, Any], cfg: ReaderConfig, path: Path, file_ind
                group=text if group is None else str(group))
 
 
-def _read_jsonl(path: Path, file_index: int, cfg: ReaderConfig, tally: Tally) -> Iterator[Doc]:
-    for number, line, last_without_newline in _lines(path, cfg.max_doc_bytes, tally):
+def _read_jsonl(path: Path, file_index: int, cfg: ReaderConfig, tally: Tally,
+                piece: Piece) -> Iterator[Doc]:
+    split = piece.split
+    for record, line, last_without_newline in _lines(path, cfg.max_doc_bytes, tally, piece):
         tally.docs_in += 1
-        where = f"{path}:{number + 1}"
+        where = location(path, record, split)
         obj, reason, detail = _parse(line)
         if obj is None:
             if last_without_newline and reason in ("read.malformed_json", "read.invalid_utf8"):  # may be cut mid-char
@@ -241,34 +230,43 @@ def _read_jsonl(path: Path, file_index: int, cfg: ReaderConfig, tally: Tally) ->
         if reason:
             tally.drop(reason, where, detail)
             continue
-        yield _doc(text, obj, cfg, path, file_index, number)
+        yield _doc(text, obj, cfg, path, file_index, record)
 
 
 # --- Parquet and plain text ------------------------------------------------------------------------------------------
 
-def _read_parquet(path: Path, file_index: int, cfg: ReaderConfig, tally: Tally) -> Iterator[Doc]:
+def _read_parquet(path: Path, file_index: int, cfg: ReaderConfig, tally: Tally,
+                  piece: Piece) -> Iterator[Doc]:
     with open(path, "rb"):
         pass  # a missing or unreadable file is an I/O error that raises, not a corrupt file to skip
+    split = piece.split
     try:
         pf = pq.ParquetFile(path)
-        rows = pf.metadata.num_rows
+        meta = pf.metadata
+        groups = range(meta.num_row_groups)
+        if split:  # this piece's share of the row groups, by index
+            groups = range(piece.index * len(groups) // piece.count, (piece.index + 1) * len(groups) // piece.count)
+        first = sum(meta.row_group(g).num_rows for g in range(groups.start))
+        rows = sum(meta.row_group(g).num_rows for g in groups)
     except (pa.ArrowException, OSError) as e:
-        tally.files["unreadable"] += 1
-        _warn(path, f"unreadable, skipped: {_brief(e)}")
+        if piece.index == 0:  # the file's problem: counted once, by its first piece
+            tally.files["unreadable"] += 1
+            _warn(path, f"unreadable, skipped: {_brief(e)}")
         return
     if rows == 0:
-        tally.files["empty"] += 1
+        if not split:
+            tally.files["empty"] += 1
         return
     names = set(pf.schema_arrow.names)
     if cfg.text_field not in names:
         tally.docs_in += rows  # one drop call for all rows: a big file would otherwise cost millions of calls
-        tally.drop("read.missing_text", f"{path}#0", f"no column '{cfg.text_field}' (columns: {_listed(names)})")
+        tally.drop("read.missing_text", f"{path}#{first}", f"no column '{cfg.text_field}' (columns: {_listed(names)})")
         tally.dropped["read.missing_text"] += rows - 1
         return
     columns = [c for c in dict.fromkeys((cfg.text_field, cfg.id_field, cfg.group_field)) if c in names]
-    row = 0
+    row = first
     try:
-        for batch in pf.iter_batches(batch_size=_PARQUET_BATCH, columns=columns):
+        for batch in pf.iter_batches(batch_size=_PARQUET_BATCH, columns=columns, row_groups=list(groups)):
             values = {name: _values(batch.column(name)) for name in columns}
             for i, text in enumerate(values[cfg.text_field]):
                 tally.docs_in += 1
@@ -290,7 +288,7 @@ def _read_parquet(path: Path, file_index: int, cfg: ReaderConfig, tally: Tally) 
             row += batch.num_rows
     except (pa.ArrowException, OSError) as e:
         tally.files["unreadable"] += 1
-        lost = max(0, rows - row)  # the metadata knows how many rows were lost
+        lost = max(0, first + rows - row)  # the metadata knows how many rows were lost
         _warn(path, f"unreadable after row {row}, {lost} rows lost: {_brief(e)}")
         if lost:
             tally.docs_in += lost
@@ -330,23 +328,28 @@ def _read_text(path: Path, file_index: int, cfg: ReaderConfig, tally: Tally) -> 
     yield Doc(text=text, file_index=file_index, record=0, doc_id=f"{path.name}:0", group=text)
 
 
-def location(path: Path, record: int) -> str:
-    """Where a record is, as drop samples show it: `path:line` (1-based) for JSONL, `path#row` otherwise."""
-    return f"{path}#{record}" if _kind(path) in ("parquet", "text") else f"{path}:{record + 1}"
+def location(path: Path, record: int, split: bool = False) -> str:
+    """Where a record is, as drop samples show it: `path:line` (1-based) for JSONL, `path#row` otherwise, and
+    `path@byte` for a line of a split JSONL file (`tail -c +$((byte + 1)) path | head -1` prints it)."""
+    if _kind(path) in ("parquet", "text"):
+        return f"{path}#{record}"
+    return f"{path}@{record}" if split else f"{path}:{record + 1}"
 
 
-def read_file(path: Path, file_index: int, cfg: ReaderConfig, tally: Tally) -> Iterator[Doc]:
-    """The documents of one input file, in record order; everything else is counted in `tally`.
+def read_file(path: Path, file_index: int, cfg: ReaderConfig, tally: Tally,
+              piece: Piece = WHOLE) -> Iterator[Doc]:
+    """The documents of one input file (or of one `piece` of it), in record order; everything else is counted
+    in `tally`.
 
     Every record read adds one to `tally.docs_in`, and is either yielded or dropped under a reason.
     """
     kind = _kind(path)
     if kind == "parquet":
-        yield from _read_parquet(path, file_index, cfg, tally)
+        yield from _read_parquet(path, file_index, cfg, tally, piece)
     elif kind == "text":
-        yield from _read_text(path, file_index, cfg, tally)
+        yield from _read_text(path, file_index, cfg, tally)  # never split: one document
     else:
-        yield from _read_jsonl(path, file_index, cfg, tally)
+        yield from _read_jsonl(path, file_index, cfg, tally, piece)
 
 
 # --- checks before any job is submitted -----------------------------------------------------------------------------

@@ -2,13 +2,13 @@
 tasks) -> finish (one task). Each element's output is published whole and marks it done, so a requeued or
 rerun element skips what an earlier attempt finished, and a time-out loses only that element's work.
 
-- dedup, element b: bucket b's exact and band entries of every input file and of earlier rounds' indexes (whose
+- dedup, element b: bucket b's exact and band entries of every map unit and of earlier rounds' indexes (whose
   parts the map elements checked), the LSH candidates verified on their signatures; writes
   work/bucket-<b>-of-<buckets>-<earlier rounds>.pairs.npz.
 - cluster: the pairs of every bucket -> union-find over the pairs only -> the drop list (work/drops.npy, sorted
   by key: each pack task reads its files' slice), the dedup tally, and the packing groups; cluster.json last.
 - pack, element t: packing groups g with g % tasks == t -> shards named by group, and the dedup index parts of
-  their files (the kept documents' entries); work/pack-<g>.json last.
+  their units (the kept documents' entries); work/pack-<g>.json last.
 - finish: the manifest as the concatenation of the groups' shards, index.json, stats.json, COMPLETE.
 """
 
@@ -29,9 +29,11 @@ from sharding.config import ShardConfig
 from sharding.dedup_index import INDEX_DIR, Part, Previous, file_entry, write_index
 from sharding.documents import Tally
 from sharding.packing import pack_group
+from sharding.readers import location
 from sharding.shards import Manifest, ShardInfo, token_dtype
 from sharding.stage import COMPLETE, WORK, bind_inputs, check_recorded_inputs, read_tally, work_files
 from sharding.tokenize import load_tokenizer
+from sharding.units import Unit, plan_units, unit_source
 
 CLUSTER = "cluster.json"
 DROPS = "drops.npy"  # (key, rep, reason) of every dropped document of this round, by key
@@ -41,6 +43,12 @@ DROPS_DTYPE = np.dtype([("key", "<u8"), ("rep", "<u8"), ("reason", "u1")])
 
 def _recorded(out: Path) -> list[dict[str, Any]]:
     return json.loads((out / "inputs.json").read_text())["files"]  # type: ignore[no-any-return]
+
+
+def _named(recorded: list[dict[str, Any]], unit: Unit) -> str:
+    """A unit as error messages name it: its file, and which piece when the file is split."""
+    piece = unit.piece
+    return str(recorded[unit.file]["path"]) + (f" (piece {piece.index + 1} of {piece.count})" if piece.split else "")
 
 
 def _bucket_path(out: Path, bucket: int, buckets: int, previous: Previous) -> Path:
@@ -99,13 +107,14 @@ def dedup_bucket(cfg: ShardConfig, out: Path, bucket: int) -> dict[str, Any]:
         raise RuntimeError(f"dedup bucket {bucket}: {len(unchecked)} parts of the earlier rounds' index were not "
                            "checked by the map (an attempt of an older stillroom?); rerun the stage")
     recorded, buckets = _recorded(out), cfg.dedup.buckets
-    space = KeySpace(previous.base, len(recorded))
-    missing = [i for i in range(len(recorded)) if not work_files(out, i).tally.exists()]
+    units = plan_units(recorded, cfg.split_mb)
+    space = KeySpace(previous.base, len(units))
+    missing = [i for i in range(len(units)) if not work_files(out, i).tally.exists()]
     if missing:
-        raise RuntimeError(f"dedup bucket {bucket}: the map has not finished {len(missing)} of {len(recorded)} input "
-                           f"files (first: {recorded[missing[0]]['path']}); rerun the stage")
-    exact = [read_bucket(work_files(out, i).exact, bucket, buckets, space.offset(i)) for i in range(len(recorded))]
-    bands = [read_bucket(work_files(out, i).bands, bucket, buckets, space.offset(i)) for i in range(len(recorded))]
+        raise RuntimeError(f"dedup bucket {bucket}: the map has not finished {len(missing)} of {len(units)} units "
+                           f"(first: {_named(recorded, units[missing[0]])}); rerun the stage")
+    exact = [read_bucket(work_files(out, i).exact, bucket, buckets, space.offset(i)) for i in range(len(units))]
+    bands = [read_bucket(work_files(out, i).bands, bucket, buckets, space.offset(i)) for i in range(len(units))]
     exact += [read_bucket(p.path("exact"), bucket, buckets, p.key_offset) for p in previous.parts]
     bands += [read_bucket(p.path("bands"), bucket, buckets, p.key_offset) for p in previous.parts]
     signatures = Signatures(out, space, previous, cfg.dedup.minhash.num_perm)
@@ -125,12 +134,14 @@ def cluster_pairs(cfg: ShardConfig, out: Path) -> dict[str, Any]:
     if (out / WORK / CLUSTER).exists():
         return {"skipped": "already clustered"}
     recorded = bind_inputs(cfg, out)  # the one check of every input after the map: the current expansion must match
-    tallies = [read_tally(out, i) for i in range(len(recorded))]  # each read once: the check and the counts
-    missing = [i for i, tally in enumerate(tallies) if tally is None or tally.get("source") != recorded[i]]
+    plan = plan_units(recorded, cfg.split_mb)
+    tallies = [read_tally(out, i) for i in range(len(plan))]  # each read once: the check and the counts
+    missing = [i for i, (tally, unit) in enumerate(zip(tallies, plan, strict=True))
+               if tally is None or tally.get("source") != unit_source(recorded[unit.file], unit.piece)]
     if missing:
-        raise RuntimeError(f"the map step has not finished {len(missing)} of {len(recorded)} input files "
-                           f"(first: {recorded[missing[0]]['path']}; a tally made from another file counts as "
-                           "unfinished); rerun the stage")
+        raise RuntimeError(f"the map step has not finished {len(missing)} of {len(plan)} units "
+                           f"(first: {_named(recorded, plan[missing[0]])}; a tally made from another file or piece "
+                           "counts as unfinished); rerun the stage")
     units = [tally["unit"] for tally in tallies if tally is not None]
     previous = Previous.load([Path(p) for p in cfg.dedup.previous], cfg.dedup.minhash)
     paths = [_bucket_path(out, b, cfg.dedup.buckets, previous) for b in range(cfg.dedup.buckets)]
@@ -142,7 +153,7 @@ def cluster_pairs(cfg: ShardConfig, out: Path) -> dict[str, Any]:
         with np.load(path) as pairs:
             exact.append(pairs["exact"])
             near.append(pairs["near"])
-    space = KeySpace(previous.base, len(recorded))
+    space = KeySpace(previous.base, len(plan))
     drops = cluster(np.concatenate(exact) if exact else np.empty(0, PAIRS),
                     np.concatenate(near) if near else np.empty(0, PAIRS), space.base)
     table = np.empty(len(drops[0]), DROPS_DTYPE)
@@ -152,15 +163,17 @@ def cluster_pairs(cfg: ShardConfig, out: Path) -> dict[str, Any]:
         with open(tmp, "wb") as f:
             np.save(f, data)
         commit_file(tmp, out / WORK / name)
-    tally = dedup_tally(table, space, [Path(e["path"]) for e in recorded],
-                        lambda unit: work_files(out, unit).tokens)
+    paths = [Path(e["path"]) for e in recorded]
+    tally = dedup_tally(table, space, lambda u, record: location(paths[plan[u].file], record, plan[u].piece.split),
+                        lambda u: work_files(out, u).tokens)
     groups = pack_groups([u["tokens"] for u in units], cfg.pack_shards * cfg.shard_sequences * cfg.seq_len)
-    publish_json(out / WORK / CLUSTER, {"groups": groups, "base": space.base, "tally": tally.state_dict()})
+    publish_json(out / WORK / CLUSTER, {"groups": groups, "base": space.base, "units": len(plan),
+                                        "tally": tally.state_dict()})
     return {"dropped": len(table), "groups": len(groups)}
 
 
 def _index_part(out: Path, unit: int, space: KeySpace, keep: np.ndarray, num_perm: int) -> Part:
-    """The kept documents' entries and signatures of one input file, as a part of this folder's index."""
+    """The kept documents' entries and signatures of one unit, as a part of this folder's index."""
     files = work_files(out, unit)
     folder = out / INDEX_DIR
     folder.mkdir(exist_ok=True)
@@ -204,7 +217,7 @@ def pack_step(cfg: ShardConfig, out: Path, rank: int, world: int) -> dict[str, A
     if (out / COMPLETE).exists():
         return {"skipped": "stage already complete"}
     plan = _plan(out)
-    space = KeySpace(plan["base"], len(_recorded(out)))
+    space = KeySpace(plan["base"], plan["units"])
     _, info = load_tokenizer(cfg.tokenizer, cfg.eos_token)
     drop_keys = np.load(out / WORK / DROP_KEYS, mmap_mode="r")  # a strided view would be copied whole
     done = 0
@@ -217,7 +230,7 @@ def pack_step(cfg: ShardConfig, out: Path, rank: int, world: int) -> dict[str, A
             keep = np.ones(rows, bool)
             keep[unit_drops(drop_keys, space, unit)] = False
             units.append((work_files(out, unit).tokens, keep))
-            if keep.any():  # a file with no kept document has no index part: parts' key ranges stay ascending
+            if keep.any():  # a unit with no kept document has no index part: parts' key ranges stay ascending
                 parts.append(_index_part(out, unit, space, keep, cfg.dedup.minhash.num_perm))
         packed = pack_group(cfg, out, group, units, info.eos_id, token_dtype(info.id_bound))
         publish_json(_pack_path(out, group), {**packed, "parts": [p.to_json(0, out) for p in parts],
@@ -238,7 +251,7 @@ def finish(cfg: ShardConfig, out: Path, data_hash: str) -> dict[str, Any]:
                            "rerun the stage")
     recorded = _recorded(out)
     tally = Tally.from_state_dict(plan["tally"])
-    for i in range(len(recorded)):
+    for i in range(plan["units"]):
         tally.merge(Tally.from_state_dict(json.loads(work_files(out, i).tally.read_text())))
     packs = [json.loads(_pack_path(out, g).read_text()) for g in range(len(plan["groups"]))]
     tally.docs_kept = sum(p["kept"] for p in packs)
@@ -268,7 +281,7 @@ def finish(cfg: ShardConfig, out: Path, data_hash: str) -> dict[str, Any]:
     _, info = load_tokenizer(cfg.tokenizer, cfg.eos_token)
     previous = Previous.load([Path(p) for p in cfg.dedup.previous], cfg.dedup.minhash)
     own = [Part(out, p["files"], 0, p["key_min"], p["key_max"], p["buckets"]) for pack in packs for p in pack["parts"]]
-    index = write_index(out, own, previous, KeySpace(plan["base"], len(recorded)).end, cfg.dedup.minhash)
+    index = write_index(out, own, previous, KeySpace(plan["base"], plan["units"]).end, cfg.dedup.minhash)
     manifest = Manifest(seq_len=cfg.seq_len, dtype=token_dtype(info.id_bound).name, tokenizer_sha256=info.sha256,
                         tokenizer_path=info.path, eos_id=info.eos_id, config_sha256=data_hash, shards=shards,
                         extra={"docs": {s: tokens[s]["docs"] for s in splits},

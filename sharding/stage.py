@@ -1,11 +1,11 @@
 """The shard stage, step one: a job array maps input files to cleaned, tokenized work files and the bucketed
 dedup keys (`sharding.buckets`); the steps after it are in `sharding.reduce`.
 
-Every step is a pure function of (config, rank, world size): the input files are shared among the map elements by
-their recorded sizes (`assign_by_size`), work files are named by input file, and everything later steps write
-depends only on the global document order, so the output is byte-identical for any number of tasks or buckets.
-Each input file's tally is written last, after its work files: it is the file's completion marker, and a requeued
-task starts again at the first file without one.
+Every step is a pure function of (config, rank, world size): the map's units (input files, large ones split into
+pieces: `sharding.units`) are shared among the map elements by their sizes (`assign_by_size`), work files are
+named by unit, and everything later steps write depends only on the global document order, so the output is
+byte-identical for any number of tasks or buckets. Each unit's tally is written last, after its work files: it is
+the unit's completion marker, and a requeued task starts again at the first unit without one.
 
 The stage folder is bound to its inputs: the first task to start records the expanded input list
 (path, size, mtime_ns, in order) in inputs.json, and every later map attempt, the cluster step and a rerun
@@ -34,6 +34,7 @@ from sharding.documents import Tally
 from sharding.map_workers import MapEncoder
 from sharding.readers import InputError, expand_inputs, preflight, read_file
 from sharding.tokenize import load_tokenizer
+from sharding.units import Unit, plan_units, unit_source
 
 COMPLETE = "COMPLETE"
 WORK = "work"
@@ -51,12 +52,13 @@ TOKENS_SCHEMA = pa.schema([("record", pa.int64()), ("val", pa.bool_()), ("tokens
 
 @dataclass(frozen=True)
 class UnitFiles:
-    """The work files of one input file; the tally is written last and marks the others complete."""
+    """The work files of one unit (an input file, or a piece of one); the tally is written last and marks the
+    others complete."""
     exact: Path  # exact-hash entries, runs of one batch per bucket
     bands: Path  # MinHash band entries, same layout
     sigs: Path  # raw uint32 signatures, one row per surviving document
     tokens: Path  # record, val and tokens of every surviving document, in order
-    tally: Path  # the file's tally, its source and its row and token counts
+    tally: Path  # the unit's tally, its source and its row and token counts
 
 
 def work_files(out: Path, index: int) -> UnitFiles:
@@ -177,15 +179,25 @@ def assign_by_size(sizes: Sequence[int], world: int) -> list[list[int]]:
     return [sorted(share) for share in shares]
 
 
-def _own_share(rank: int, world: int) -> Callable[[list[dict[str, Any]]], list[int]]:
-    """Element `rank`'s files of the recorded list, computed once (the binding and the map loop both ask)."""
-    mine: list[list[int]] = []
+class _Share:
+    """Map element `rank`'s units of the recorded list, and their files, planned once (the binding and the map loop
+    both ask)."""
 
-    def share(recorded: list[dict[str, Any]]) -> list[int]:
-        if not mine:
-            mine.append(assign_by_size([int(e["size"]) for e in recorded], world)[rank])
-        return mine[0]
-    return share
+    def __init__(self, rank: int, world: int, split_mb: float) -> None:
+        self.rank, self.world, self.split_mb = rank, world, split_mb
+        self._units: list[Unit] = []
+        self._mine: list[int] = []
+
+    def units(self, recorded: list[dict[str, Any]]) -> tuple[list[Unit], list[int]]:
+        """(every unit, the indexes of this element's)."""
+        if not self._units:
+            self._units = plan_units(recorded, self.split_mb)
+            self._mine = assign_by_size([u.size for u in self._units], self.world)[self.rank]
+        return self._units, self._mine
+
+    def files(self, recorded: list[dict[str, Any]]) -> list[int]:
+        units, mine = self.units(recorded)
+        return sorted({units[u].file for u in mine})
 
 
 def check_recorded_inputs(cfg: ShardConfig, out: Path, files: Sequence[Path] | None = None) -> None:
@@ -200,7 +212,7 @@ def check_recorded_inputs(cfg: ShardConfig, out: Path, files: Sequence[Path] | N
 
 
 def read_tally(out: Path, index: int) -> dict[str, Any] | None:
-    """Input file `index`'s tally (its work files' completion marker); None when it is not finished."""
+    """Unit `index`'s tally (its work files' completion marker); None when it is not finished."""
     try:
         return json.loads(work_files(out, index).tally.read_text())  # type: ignore[no-any-return]
     except FileNotFoundError:
@@ -208,7 +220,7 @@ def read_tally(out: Path, index: int) -> dict[str, Any] | None:
 
 
 def tally_source(out: Path, index: int) -> Any:
-    """The input a finished work file was made from (its tally's "source"); None when it is not finished."""
+    """The input a finished unit was made from (its tally's "source", `unit_source`); None when not finished."""
     tally = read_tally(out, index)
     return None if tally is None else tally.get("source")
 
@@ -236,14 +248,14 @@ class _Progress:
 
 
 def map_files(cfg: ShardConfig, out: Path, rank: int, world: int) -> dict[str, Any]:
-    """Array element `rank` of `world`: clean, hash and tokenize its share of the input files (`assign_by_size`)."""
+    """Array element `rank` of `world`: clean, hash and tokenize its share of the units (`assign_by_size`)."""
     if (out / COMPLETE).exists():
         check_recorded_inputs(cfg, out)  # a finished stage whose inputs changed since must not look current
         return {"skipped": "stage already complete"}
     (out / WORK).mkdir(parents=True, exist_ok=True)
-    share = _own_share(rank, world)
+    share = _Share(rank, world, cfg.split_mb)
     try:
-        recorded = bind_inputs(cfg, out, own=share)
+        recorded = bind_inputs(cfg, out, own=share.files)
     except InputsChanged as e:
         raise InputsChanged(f"{e}. Map task {rank}/{world} stopped before reading any input: this attempt "
                             "wrote no work file") from None
@@ -253,23 +265,25 @@ def map_files(cfg: ShardConfig, out: Path, rank: int, world: int) -> dict[str, A
     encoder = MapEncoder(cfg, cfg.workers or cfg.resources.cpus_per_task, threads)
     progress = _Progress(f"map {rank}/{world}")
     done = 0
+    units, mine = share.units(recorded)
     try:
-        for index in share(recorded):
-            if tally_source(out, index) == recorded[index]:
-                continue  # finished by an earlier attempt, from this very file
-            _map_file(recorded[index], index, cfg=cfg, out=out, encoder=encoder, progress=progress)
+        for index in mine:
+            if tally_source(out, index) == unit_source(recorded[units[index].file], units[index].piece):
+                continue  # finished by an earlier attempt, from this very file (and piece)
+            _map_unit(recorded[units[index].file], units[index], index, cfg=cfg, out=out, encoder=encoder,
+                      progress=progress)
             done += 1
     finally:
         encoder.close()
-    progress.report(f"{done} files" + (f", {encoder.workers} worker processes" if encoder.workers > 1 else ""))
-    return {"files": done}
+    progress.report(f"{done} units" + (f", {encoder.workers} worker processes" if encoder.workers > 1 else ""))
+    return {"units": done}
 
 
-def _map_file(source: dict[str, Any], index: int, *, cfg: ShardConfig, out: Path, encoder: MapEncoder,
+def _map_unit(entry: dict[str, Any], unit: Unit, index: int, *, cfg: ShardConfig, out: Path, encoder: MapEncoder,
               progress: _Progress) -> None:
-    """Input file `index` (`source`, its recorded {path, size, mtime_ns}) to its work files, then its tally, the
-    file's completion marker, which names the source."""
-    path = Path(source["path"])
+    """Unit `index` (`unit` of the input file `entry`, its recorded {path, size, mtime_ns}) to its work files, then
+    its tally, the unit's completion marker, which names its source (`unit_source`)."""
+    path = Path(entry["path"])
     files = work_files(out, index)
     tally = Tally()
     dedup = UnitWriter((files.exact, files.bands, files.sigs), cfg.dedup.minhash, cfg.dedup.buckets)
@@ -278,7 +292,8 @@ def _map_file(source: dict[str, Any], index: int, *, cfg: ShardConfig, out: Path
     writer = pa.ipc.new_file(sink, TOKENS_SCHEMA, options=pa.ipc.IpcWriteOptions(compression="zstd"))
     token_count = 0
     try:
-        for done in encoder.run(read_file(path, index, cfg.reader, tally), path, tally):
+        for done in encoder.run(read_file(path, unit.file, cfg.reader, tally, unit.piece), path, tally,
+                                unit.piece.split):
             exact, sigs, batch = done.encoded
             dedup.add(exact, sigs)
             writer.write_batch(batch)
@@ -293,9 +308,9 @@ def _map_file(source: dict[str, Any], index: int, *, cfg: ShardConfig, out: Path
     writer.close()
     sink.close()
     commit_file(tokens_tmp, files.tokens)
-    if changes := input_changes([source], stat_inputs([path])):
-        raise InputsChanged(f"input {index} changed while it was read ({changes}); its tally is not written")
-    unit = {"rows": rows, "tokens": token_count, "buckets": cfg.dedup.buckets}
-    publish_json(files.tally, {**tally.state_dict(), "source": source, "unit": unit})
+    if changes := input_changes([entry], stat_inputs([path])):
+        raise InputsChanged(f"input {unit.file} changed while it was read ({changes}); its tally is not written")
+    counts = {"rows": rows, "tokens": token_count, "buckets": cfg.dedup.buckets}
+    publish_json(files.tally, {**tally.state_dict(), "source": unit_source(entry, unit.piece), "unit": counts})
 
 

@@ -153,6 +153,19 @@ def test_map_and_pack_arrays_are_no_larger_than_the_input_files(tmp_path: Path) 
     assert stages_of(run)["shard"]["tasks"] == 2 + 2 + 1 + 2 + 1
 
 
+def test_a_large_file_counts_as_its_pieces_in_the_map_and_pack_arrays(tmp_path: Path) -> None:
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    (inputs / "big.jsonl").write_text('{"text": "a line of some length"}\n' * 1000)  # 31 kB: 4 pieces of 10 kB
+    (inputs / "small.jsonl").write_text('{"text": "x"}\n')
+    cfg, run = make_run(tmp_path, ["shard"], "shard.tasks=8", "shard.split_mb=0.01",
+                        f"shard.inputs=[{json.dumps(str(inputs))}]")
+    fake = FakeExecutor()
+    run_launch(cfg, run, fake)
+    map_, _, _, pack, _ = fake.submissions
+    assert (map_.tasks, pack.tasks) == (5, 5)  # two files, five units
+
+
 def test_completed_first_stage_is_skipped_and_the_next_waits_on_nothing(tmp_path: Path) -> None:
     cfg, run = make_run(tmp_path, ["shard", "cpt"])
     run.update_stage("shard", status="completed", executor="slurm", tasks=10,

@@ -146,8 +146,8 @@ def test_unchanged_inputs_rerun_every_element_and_the_later_steps_to_identical_s
         assert json.loads(work_files(out, i).tally.read_text())["source"] == recorded["files"][i]
     owner = 0 if 1 in stage.assign_by_size([e["size"] for e in recorded["files"]], 2)[0] else 1
     work_files(out, 1).tally.unlink()  # a killed attempt of input 1's element: its second attempt redoes that file
-    assert map_files(cfg, out, 1 - owner, 2) == {"files": 0}  # all of its files are done
-    assert map_files(cfg, out, owner, 2) == {"files": 1}
+    assert map_files(cfg, out, 1 - owner, 2) == {"units": 0}  # all of its files are done
+    assert map_files(cfg, out, owner, 2) == {"units": 1}
     stats = after_map(cfg, out)
     assert stats["docs_in"] == stats["docs_kept"] == 18
     assert shard_files(out) == shard_files(reference)
