@@ -30,8 +30,8 @@ from rich.table import Table
 HERE = Path(__file__).resolve().parent
 HELPERS = {"datatrove_baseline.py"}  # shard_throughput.py runs it; on its own it needs an input and a tokenizer
 ORDER = ["input_binding", "map_balance", "shard_checksum", "checkpoint_integrity", "loader_scale",  # cheap first
-         "minhash_quality", "teacher_cache", "shard_throughput", "map_workers", "shard_scale", "train_overhead",
-         "distill_cost"]
+         "minhash_quality", "teacher_cache", "shard_throughput", "clean_cost", "map_workers", "shard_scale",
+         "train_overhead", "distill_cost"]
 QUICK = {  # small sizes: minutes on a 2-core machine, figures noisier than at the defaults
     "input_binding": ["--files", "500", "2000", "8000"],
     "map_balance": [],
@@ -41,6 +41,7 @@ QUICK = {  # small sizes: minutes on a 2-core machine, figures noisier than at t
     "minhash_quality": ["--mb", "2", "--docs", "600"],
     "teacher_cache": [],
     "shard_throughput": ["--mb", "2", "--docs", "150"],  # 2 MB holds about 185 distinct
+    "clean_cost": ["--mb", "2"],
     "map_workers": ["--mb", "2"],
     "shard_scale": ["--scales", "1", "4", "16", "--docs", "10000"],
     "train_overhead": ["--steps", "10"],
