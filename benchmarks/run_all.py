@@ -28,10 +28,12 @@ from rich.console import Console
 from rich.table import Table
 
 HERE = Path(__file__).resolve().parent
-HELPERS = {"datatrove_baseline.py"}  # shard_throughput.py runs it; on its own it needs an input and a tokenizer
+# datatrove_baseline.py: shard_throughput.py runs it (alone it needs an input and a tokenizer); gpu_check.py needs a
+# GPU (run it by hand on one, see its docstring; `--quick` checks it on CPU).
+HELPERS = {"datatrove_baseline.py", "gpu_check.py"}
 ORDER = ["input_binding", "map_balance", "shard_checksum", "checkpoint_integrity", "loader_scale",  # cheap first
          "minhash_quality", "teacher_cache", "shard_throughput", "clean_cost", "map_workers", "shard_scale",
-         "train_overhead", "distill_cost"]
+         "train_overhead", "doc_mask_cost", "kd_memory", "distill_cost"]
 QUICK = {  # small sizes: minutes on a 2-core machine, figures noisier than at the defaults
     "input_binding": ["--files", "500", "2000", "8000"],
     "map_balance": [],
@@ -45,6 +47,8 @@ QUICK = {  # small sizes: minutes on a 2-core machine, figures noisier than at t
     "map_workers": ["--mb", "2"],
     "shard_scale": ["--scales", "1", "4", "16", "--docs", "10000"],
     "train_overhead": ["--steps", "10"],
+    "doc_mask_cost": ["--seq", "512", "--repeats", "3"],
+    "kd_memory": ["--vocab", "32768", "--seq", "1024"],
     "distill_cost": ["--steps", "5"],
 }
 

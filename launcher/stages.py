@@ -216,14 +216,15 @@ def _teacher_logits_compute(cfg: RunConfig, layout: RunLayout, env: TaskEnv, ele
 
     teacher, tokens = _teacher_logits_inputs(cfg, layout)
     return compute(cfg.teacher_logits, teacher, tokens, layout.stage("teacher_logits"), element or 0,
-                   _teacher_logits_plan(cfg))
+                   _teacher_logits_plan(cfg), cfg.distill.model.document_mask)
 
 
 def _teacher_logits_index(cfg: RunConfig, layout: RunLayout, env: TaskEnv, element: int | None) -> Any:
     from training.teacher_logits import index
 
     teacher, tokens = _teacher_logits_inputs(cfg, layout)
-    return index(cfg.teacher_logits, teacher, tokens, layout.stage("teacher_logits"), _teacher_logits_plan(cfg))
+    return index(cfg.teacher_logits, teacher, tokens, layout.stage("teacher_logits"), _teacher_logits_plan(cfg),
+                 cfg.distill.model.document_mask)
 
 
 def _distill_student(cfg: RunConfig, layout: RunLayout, env: TaskEnv, element: int | None) -> Any:

@@ -25,7 +25,7 @@ class ProbeConfig:
     array_size: int = 0  # >0: submit as a job array of this many elements instead of one job
     steps: int = 0  # count this many steps, saving the count after each, so a requeue resumes it
     step_seconds: float = 0.5  # sleep per counted step (gives a test time to requeue the job)
-    collective: bool = False  # all-reduce the ranks over torch.distributed (gloo) to prove rendezvous
+    collective: bool = False  # all-reduce the ranks (gloo on CPU, NCCL and its bandwidth on GPUs) to prove rendezvous
     fail_rank: int = -1  # this rank raises on purpose (-1: none), to see how a failure is reported
 
     def __post_init__(self) -> None:
@@ -38,16 +38,35 @@ class ProbeConfig:
             raise ValueError(f"fail_rank must be a rank or -1 (none), got {self.fail_rank}")
 
 
-def _all_reduce_ranks(env: TaskEnv) -> int:
+def _all_reduce_ranks(env: TaskEnv) -> dict[str, Any]:
+    """The sum of the ranks over torch.distributed: gloo on CPU; on GPUs NCCL, the backend training uses, so the
+    probe catches an NCCL or InfiniBand problem before a training job does, plus the bus bandwidth of a 256 MB
+    all-reduce (a fabric that silently fell back to TCP shows as a few GB/s instead of tens)."""
     import torch
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"tcp://{env.master_addr}:{env.master_port}",
+    gpu = torch.cuda.is_available()
+    device = torch.device("cuda", env.local_rank) if gpu else torch.device("cpu")
+    if gpu:
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if gpu else "gloo", init_method=f"tcp://{env.master_addr}:{env.master_port}",
                             rank=env.rank, world_size=env.world_size)
     try:
-        total = torch.tensor([env.rank], dtype=torch.int64)
+        total = torch.tensor([env.rank], dtype=torch.int64, device=device)
         dist.all_reduce(total)
-        return int(total.item())
+        result: dict[str, Any] = {"rank_sum": int(total.item()), "backend": dist.get_backend()}
+        if gpu:
+            buffer = torch.ones(64 << 20, dtype=torch.float32, device=device)  # 256 MB
+            dist.all_reduce(buffer)  # warm-up: NCCL sets its rings and channels up on first use
+            torch.cuda.synchronize()
+            start, repeats = time.perf_counter(), 5
+            for _ in range(repeats):
+                dist.all_reduce(buffer)
+            torch.cuda.synchronize()
+            seconds = (time.perf_counter() - start) / repeats
+            n = env.world_size  # bus bandwidth as nccl-tests reports it: algorithm bandwidth x 2(n-1)/n
+            result["allreduce_busbw_gbps"] = round(buffer.numel() * 4 / seconds * 2 * (n - 1) / n / 1e9, 2)
+        return result
     finally:
         dist.destroy_process_group()
 
@@ -60,7 +79,7 @@ def run_probe(cfg: ProbeConfig, out: Path, env: TaskEnv, element: int | None = N
     if env.rank == cfg.fail_rank:
         raise RuntimeError(f"probe.fail_rank={cfg.fail_rank}: failing on purpose")
     if cfg.collective and env.world_size > 1:
-        report["rank_sum"] = _all_reduce_ranks(env)
+        report.update(_all_reduce_ranks(env))
     if cfg.steps:
         counter_path = out / f"counter-{tag}.json"
         counter: dict[str, Any] = (json.loads(counter_path.read_text()) if counter_path.exists()

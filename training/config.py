@@ -62,8 +62,11 @@ class DataConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     path: str = ""  # a local Hugging Face causal-LM folder (config.json + safetensors); never downloaded
-    dtype: Literal["fp32", "bf16"] = "fp32"  # training precision; bf16 needs a GPU (or a slow CPU)
+    dtype: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on a GPU with it (fp32 master weights), else fp32
+    attention: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"  # auto: flash-attn on GPU in bf16 if
+    # installed, else what transformers picks (sdpa where the architecture has it)
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more compute
+    document_mask: bool = True  # attention kept inside each packed document, positions restarting after EOS
     dropout: float = -1.0  # attention/hidden dropout during training (-1: keep the model's own setting)
 
     def __post_init__(self) -> None:
@@ -103,6 +106,8 @@ class EngineConfig:
     grad_accum: int = 1  # micro-batches per optimizer step (global batch = micro_batch * grad_accum * ranks)
     offload_optimizer: bool = False  # keep optimizer state in CPU memory (ZeRO 1-3)
     offload_params: bool = False  # keep parameters in CPU memory (ZeRO 3)
+    tf32: bool = True  # on GPU, fp32 matmuls and convolutions on TF32 tensor cores (10-bit mantissa inputs)
+    overlap_comm: bool = True  # on GPU, ZeRO 1-2 reduce gradients while the backward pass goes on (DeepSpeed: off)
     overrides: dict[str, str] = field(default_factory=dict)  # DeepSpeed JSON keys, dotted, values as JSON text
 
     def __post_init__(self) -> None:
@@ -170,6 +175,7 @@ class DistillConfig(TrainConfig):
     beta: float = 0.5  # mixing weight of jsd and skew_kl
     topk_cache: str = ""  # folder of cached teacher top-k logits (the teacher-logits stage); "": run the teacher
     topk_student_norm: Literal["vocab", "topk"] = "topk"  # cached top-k: student softmax over the k ids or all
+    kd_chunk: int = 256  # positions per chunk of the KD loss: its float32 memory is O(chunk x vocabulary); 0: all
     teacher_zero3: bool = False  # shard the live teacher across ranks (DeepSpeed ZeRO-3 inference) instead of copies
 
     def __post_init__(self) -> None:
@@ -179,6 +185,7 @@ class DistillConfig(TrainConfig):
             raise ValueError(f"temperature must be positive, got {self.temperature}")
         _at_least(self, 0, "student_layers")
         _at_least(self, 1, "student_calibration_rows")
+        _at_least(self, 0, "kd_chunk")
         if self.divergence == "jsd":  # beta 0 or 1 makes the JSD identically 0
             _within(self, "beta", 0.0, 1.0, low_open=True, high_open=True)
         elif self.divergence == "skew_kl":  # beta 1 compares the teacher with itself

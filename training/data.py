@@ -83,6 +83,7 @@ class OpenedSource:
         self.rows = self.starts[-1]
         self.seq_len, self.dtype = manifest.seq_len, manifest.dtype
         self.tokenizer_sha256, self.manifest_sha256 = manifest.tokenizer_sha256, manifest.sha256()
+        self.eos_id = manifest.eos_id  # what ends each packed document: where document masking restarts
         # Readers open lazily (a run may touch few of many shards) and at most max_open at a time, least recently
         # used closed first: a shuffled stream touches every shard within a few hundred steps.
         self._open: OrderedDict[int, _OpenShard] = OrderedDict()
@@ -153,6 +154,9 @@ def check_compatible(sources: Sequence[OpenedSource], tokenizer_sha256: str, seq
         if source.seq_len != seq_len:
             raise DataError(f"source {source.name} ({source.folder}) has sequences of {source.seq_len} tokens "
                             f"but training uses seq_len {seq_len}")
+        if source.eos_id != sources[0].eos_id:
+            raise DataError(f"source {source.name} ({source.folder}) ends documents with token {source.eos_id}, "
+                            f"{sources[0].name} with {sources[0].eos_id}: shard them with one shard.eos_token")
 
 
 def _tickets(weights: Sequence[float]) -> list[int]:

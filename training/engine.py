@@ -6,18 +6,22 @@ and device follow from whether CUDA is available, and rendezvous comes from the 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import importlib.util
 import json
 import os
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 from common.checksum import xxh3_file
 from slurm.taskenv import TaskEnv
 from training.config import TrainConfig
+
+Config = TypeVar("Config", bound=TrainConfig)
 
 
 def setup_distributed(env: TaskEnv) -> torch.device:
@@ -37,6 +41,29 @@ def setup_distributed(env: TaskEnv) -> torch.device:
     return torch.device("cpu")
 
 
+def for_device(cfg: Config, device: torch.device) -> Config:
+    """`cfg` with its "auto" choices made for `device`, and the device's fp32 matmul precision set (TF32).
+
+    On a GPU: bf16 when the device has it (DeepSpeed keeps fp32 master weights and optimizer state; fp32 runs
+    matmuls at a few per cent of the tensor cores' bf16 rate), and flash-attention 2 when the flash_attn package
+    is installed (in bf16 only: it has no fp32 kernel). On CPU: fp32 and transformers' own choice of attention
+    (sdpa where the architecture has it), as before. Called by every training entrypoint once the device is
+    known: the config is resolved on the login node, which may have no GPU.
+    """
+    gpu = device.type == "cuda"
+    dtype = cfg.model.dtype
+    if dtype == "auto":
+        dtype = "bf16" if gpu and torch.cuda.is_bf16_supported() else "fp32"
+    attention = cfg.model.attention
+    if attention == "auto":
+        flash = gpu and dtype == "bf16" and importlib.util.find_spec("flash_attn") is not None
+        attention = "flash_attention_2" if flash else "auto"  # "auto" stays: transformers' default
+    if gpu and cfg.engine.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True  # a process-wide setting of torch, made once per task
+        torch.backends.cudnn.allow_tf32 = True
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dtype=dtype, attention=attention))
+
+
 def _set_dotted(config: dict[str, Any], dotted: str, value: Any) -> None:
     *parents, leaf = dotted.split(".")
     for part in parents:
@@ -54,6 +81,12 @@ def deepspeed_config(cfg: TrainConfig, on_gpu: bool) -> dict[str, Any]:
     if cfg.engine.zero_stage == 3:
         # Consolidated 16-bit weights on save, so the export needs no offline conversion step.
         zero["stage3_gather_16bit_weights_on_model_save"] = True
+    if on_gpu and cfg.engine.zero_stage in (1, 2):
+        # Gradients reduced in buckets while the backward pass still runs, from one contiguous buffer (less
+        # fragmentation); both are off by default in DeepSpeed for these stages (stage 3 overlaps already). On
+        # CPU gloo has no separate stream to overlap on, so CPU runs keep DeepSpeed's defaults.
+        zero["overlap_comm"] = cfg.engine.overlap_comm
+        zero["contiguous_gradients"] = True
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": cfg.engine.micro_batch,
         "gradient_accumulation_steps": cfg.engine.grad_accum,
@@ -127,23 +160,43 @@ def shared_weights_fingerprint(path: str | Path) -> str:
     return text
 
 
-def load_model(path: str, dtype: str, *, dropout: float = -1.0,
-               gradient_checkpointing: bool = False) -> torch.nn.Module:
-    """A local Hugging Face causal LM in `dtype`; `dropout` >= 0 overrides its dropout rates (-1: keep them)."""
+def load_model(path: str, dtype: str, *, dropout: float = -1.0, gradient_checkpointing: bool = False,
+               attention: str = "auto") -> torch.nn.Module:
+    """A local Hugging Face causal LM in `dtype` ("fp32" or "bf16"; "auto" is fp32: see `for_device`); `dropout`
+    >= 0 overrides its dropout rates (-1: keep them); `attention` names the attention implementation ("auto":
+    transformers' choice)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if not (Path(path) / "config.json").is_file():
         raise ValueError(f"model '{path}' is not a local Hugging Face model folder (no config.json)")
-    overrides: dict[str, Any] = {}
+    overrides: dict[str, Any] = {} if attention == "auto" else {"attn_implementation": attention}
     if dropout >= 0:
         config = AutoConfig.from_pretrained(path)
-        overrides = {k: dropout for k in ("attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop",
-                                          "attn_pdrop", "dropout") if hasattr(config, k)}
+        overrides |= {k: dropout for k in ("attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop",
+                                           "attn_pdrop", "dropout") if hasattr(config, k)}
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=torch.bfloat16 if dtype == "bf16" else torch.float32, **overrides)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
+    return model
+
+
+def load_for_engine(cfg: TrainConfig, on_gpu: bool) -> torch.nn.Module:
+    """The model of `cfg` (resolved by `for_device`) as its DeepSpeed engine gets it.
+
+    With ZeRO-3 it is built under DeepSpeed's zero.Init (transformers' HfDeepSpeedConfig, alive while the model
+    loads): each parameter is partitioned as it is created, so no rank ever holds the whole model (8 ranks of a
+    node would otherwise each hold all 16 GB of an 8B model in bf16 before DeepSpeed partitions it).
+    """
+    partitioned = None
+    if cfg.engine.zero_stage == 3:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        partitioned = HfDeepSpeedConfig(deepspeed_config(cfg, on_gpu))  # transformers keeps only a weak reference
+    model = load_model(cfg.model.path, cfg.model.dtype, dropout=cfg.model.dropout,
+                       gradient_checkpointing=cfg.model.gradient_checkpointing, attention=cfg.model.attention)
+    del partitioned  # from here on a model loaded elsewhere in the process (the export check) loads whole
     return model
 
 

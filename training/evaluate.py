@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -11,10 +12,11 @@ import torch.distributed as dist
 
 @torch.no_grad()
 def evaluate(engine: Any, val_sets: dict[str, Any], micro_batch: int, device: torch.device, rank: int,
-             world: int) -> dict[str, float]:
+             world: int, feed: Callable[[torch.Tensor], dict[str, Any]]) -> dict[str, float]:
     """Token-weighted mean loss and perplexity per validation set, identical on every rank.
 
-    Every rank runs the same number of forward passes (ZeRO-3 gathers parameters collectively).
+    Every rank runs the same number of forward passes (ZeRO-3 gathers parameters collectively). `feed` makes a
+    forward pass's arguments (training.doc_mask.Feed): evaluation sees documents as training does.
     """
     engine.eval()
     metrics: dict[str, float] = {}
@@ -22,7 +24,7 @@ def evaluate(engine: Any, val_sets: dict[str, Any], micro_batch: int, device: to
         totals = torch.zeros(2, dtype=torch.float64, device=device)  # loss * tokens, tokens
         for batch in val_set.batches(micro_batch, rank, world):
             input_ids = torch.from_numpy(batch).to(device)
-            loss = engine(input_ids=input_ids, labels=input_ids).loss
+            loss = engine(**feed(input_ids), labels=input_ids).loss
             predicted = input_ids.shape[0] * (input_ids.shape[1] - 1)  # labels shift by one inside the model
             totals += torch.tensor([float(loss) * predicted, predicted], dtype=torch.float64, device=device)
         if dist.is_initialized():

@@ -21,12 +21,19 @@ Divergences (per token, summed over the vocabulary; p is the teacher, q the stud
 
 Everything works on log-probabilities from log_softmax (never log(softmax)), so logits of any finite
 magnitude give finite losses and gradients.
+
+Memory: the loss is computed `chunk` positions at a time (`_Chunked`), and each chunk's gradient with respect
+to the student's logits in the same pass, so the float32 temporaries of log_softmax and the divergence exist for
+one chunk only: O(chunk x V) besides the logits and their gradient, instead of ~6 float32 (B, T, V) tensors
+(8 GB each at V = 128 k, B = 8, T = 2048). `benchmarks/kd_memory.py` measures both. chunk = 0 computes all
+positions at once through plain autograd, the reference the chunked loss is tested against.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Literal, get_args
+from collections.abc import Callable
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +42,8 @@ from torch import Tensor
 Divergence = Literal["forward_kl", "reverse_kl", "jsd", "skew_kl"]
 StudentNorm = Literal["vocab", "topk"]  # where the student is normalised in the cached top-k loss
 FP16_MAX = 65504.0  # largest finite float16, the dtype the top-k cache stores logits in
+CHUNK = 256  # positions per chunk: ~8 float32 temporaries of CHUNK x V, 1 GB at V = 128 k, 0.4 GB at 49 k
+Terms = Callable[[Tensor, slice], tuple[Tensor, Tensor]]  # (student rows, which valid rows) -> (CE sum, D sum)
 
 
 def _kl(log_a: Tensor, log_b: Tensor) -> Tensor:
@@ -82,50 +91,109 @@ def _float(x: Tensor) -> Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
-def _shifted_valid(labels: Tensor, ignore_index: int, *tensors: Tensor) -> tuple[Tensor, list[Tensor]]:
-    """Drop the last position of each (B, T, ...) tensor and the first label, keep the unmasked rows.
-
-    Selecting the rows (rather than multiplying by a mask) means masked positions take no part at all:
-    even inf/nan logits there change neither the loss nor any gradient.
-    """
+def _valid_positions(labels: Tensor, ignore_index: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(targets, batch index, position index) of the positions whose next label is not ignored, in order."""
     target = labels[:, 1:]
-    keep = target != ignore_index
-    return target[keep], [t[:, :-1][keep] for t in tensors]
+    b, t = (target != ignore_index).nonzero(as_tuple=True)
+    return target[b, t], b, t
 
 
-def _combine(ce_sum: Tensor, d_sum: Tensor, n: int, alpha: float,
-             temperature: float) -> tuple[Tensor, dict[str, Tensor]]:
-    # With no unmasked token the sums are empty (0) and the loss is 0 rather than HF's 0/0 = nan.
-    count = max(n, 1)
-    ce, kd = ce_sum / count, d_sum / count
-    loss = alpha * ce + (1.0 - alpha) * temperature**2 * kd
-    return loss, {"ce": ce.detach(), "kd": kd.detach()}
+class _Chunked(torch.autograd.Function):
+    """w_ce * CE sum + w_d * D sum over the rows (b, t) of the student's (B, T, V) logits, `chunk` rows at a time.
+
+    The forward pass computes each chunk's terms without a graph; the backward pass recomputes them chunk by
+    chunk with autograd on that chunk alone, and writes each chunk's gradient into the one tensor it returns,
+    shaped like the logits. So the float32 temporaries never exist for more than one chunk and nothing of the
+    logits' size is kept between the passes: the loss costs about the logits' gradient (which any loss needs)
+    plus one chunk's temporaries, for one more forward computation of the loss. Recomputing, rather than keeping
+    a gradient made in the forward pass, also leaves nothing to scale in place: a graph backpropagated twice
+    (gradcheck) gets the same gradient, and no host sync is needed. Also returns the CE and D sums, not
+    differentiable.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, student: Tensor, b: Tensor, t: Tensor, terms: Terms, w_ce: float, w_d: float,
+                chunk: int) -> tuple[Tensor, Tensor, Tensor]:
+        dtype = torch.promote_types(student.dtype, torch.float32)
+        ce_sum = torch.zeros((), dtype=dtype, device=student.device)
+        d_sum = torch.zeros((), dtype=dtype, device=student.device)
+        for lo in range(0, len(b), chunk):
+            rows = slice(lo, lo + chunk)
+            ce, d = terms(student[b[rows], t[rows]], rows)
+            ce_sum += ce
+            d_sum += d
+        ctx.save_for_backward(student, b, t)
+        ctx.terms, ctx.w_ce, ctx.w_d, ctx.chunk = terms, w_ce, w_d, chunk
+        ctx.mark_non_differentiable(ce_sum, d_sum)
+        return w_ce * ce_sum + w_d * d_sum, ce_sum, d_sum
+
+    @staticmethod
+    def backward(ctx: Any, grad_loss: Tensor, *_: Any) -> tuple[Tensor | None, ...]:
+        student, b, t = ctx.saved_tensors
+        grad = torch.zeros_like(student)
+        for lo in range(0, len(b), ctx.chunk):
+            rows = slice(lo, lo + ctx.chunk)
+            with torch.enable_grad():
+                logits = student[b[rows], t[rows]].detach().requires_grad_(True)
+                ce, d = ctx.terms(logits, rows)
+                (g,) = torch.autograd.grad(ctx.w_ce * ce + ctx.w_d * d, logits, grad_outputs=grad_loss)
+            grad[b[rows], t[rows]] = g
+        return grad, None, None, None, None, None, None
+
+
+def _loss(student_logits: Tensor, target: Tensor, b: Tensor, t: Tensor, terms: Terms, alpha: float,
+          temperature: float, chunk: int) -> tuple[Tensor, dict[str, Tensor]]:
+    """alpha * CE + (1 - alpha) * T^2 * D per valid position, of `terms` over the rows (b, t): `chunk` rows at a
+    time (`_Chunked`), or all at once through plain autograd when chunk is 0.
+
+    Returns the loss and {"ce", "kd"} (detached, per-token means; "kd" is D before the T^2 factor).
+    """
+    count = max(len(target), 1)  # with no valid position the sums are 0, and so is the loss (not HF's 0/0)
+    if chunk == 0:
+        ce_sum, d_sum = terms(student_logits[b, t], slice(None))
+        loss = alpha * (ce_sum / count) + (1.0 - alpha) * temperature**2 * (d_sum / count)
+    else:
+        loss, ce_sum, d_sum = _Chunked.apply(student_logits, b, t, terms, alpha / count,
+                                             (1.0 - alpha) * temperature**2 / count, chunk)
+    return loss, {"ce": ce_sum.detach() / count, "kd": d_sum.detach() / count}
+
+
+def _check_chunk(chunk: int) -> None:
+    if chunk < 0:
+        raise ValueError(f"chunk must be >= 0 (0: all positions at once), got {chunk}")
 
 
 def kd_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, *, alpha: float, temperature: float,
-            divergence: str, beta: float = 0.5, ignore_index: int = -100) -> tuple[Tensor, dict[str, Tensor]]:
+            divergence: str, beta: float = 0.5, ignore_index: int = -100,
+            chunk: int = CHUNK) -> tuple[Tensor, dict[str, Tensor]]:
     """Distillation loss against full teacher logits; (B, T, V) logits, (B, T) int64 labels, unshifted.
 
     Returns the scalar loss and {"ce", "kd"} (detached, per-token means; "kd" is D before the T^2 factor).
+    Masked positions take no part at all (their rows are never read): even inf/nan logits there change neither
+    the loss nor any gradient.
     """
     _check(alpha, temperature, divergence, beta)
+    _check_chunk(chunk)
     if student_logits.shape != teacher_logits.shape or student_logits.shape[:2] != labels.shape:
         raise ValueError(f"shapes differ: student {tuple(student_logits.shape)}, teacher "
                          f"{tuple(teacher_logits.shape)}, labels {tuple(labels.shape)}")
-    # Select the rows before upcasting so that no float32 copy of the masked rows is made.
-    target, (student, teacher) = _shifted_valid(labels, ignore_index, student_logits, teacher_logits)
-    student = _float(student)
-    ce_sum = F.cross_entropy(student, target, reduction="sum")
-    log_q = F.log_softmax(student / temperature, dim=-1)
-    # The teacher is frozen: no graph through it even if the caller forgot torch.no_grad().
-    log_p = F.log_softmax(_float(teacher.detach()) / temperature, dim=-1)
-    d_sum = _divergence(log_p, log_q, divergence, beta).sum()
-    return _combine(ce_sum, d_sum, target.numel(), alpha, temperature)
+    target, b, t = _valid_positions(labels, ignore_index)
+
+    def terms(student: Tensor, rows: slice) -> tuple[Tensor, Tensor]:
+        student = _float(student)  # upcast one chunk's rows, never a float32 copy of all logits
+        ce_sum = F.cross_entropy(student, target[rows], reduction="sum")
+        log_q = F.log_softmax(student / temperature, dim=-1)
+        # The teacher is frozen: no graph through it even if the caller forgot torch.no_grad().
+        log_p = F.log_softmax(_float(teacher_logits[b[rows], t[rows]].detach()) / temperature, dim=-1)
+        return ce_sum, _divergence(log_p, log_q, divergence, beta).sum()
+
+    return _loss(student_logits, target, b, t, terms, alpha, temperature, chunk)
 
 
 def kd_loss_topk(student_logits: Tensor, teacher_topk_values: Tensor, teacher_topk_indices: Tensor, labels: Tensor,
                  *, alpha: float, temperature: float, divergence: str, beta: float = 0.5,
-                 student_norm: StudentNorm = "topk", ignore_index: int = -100) -> tuple[Tensor, dict[str, Tensor]]:
+                 student_norm: StudentNorm = "topk", ignore_index: int = -100,
+                 chunk: int = CHUNK) -> tuple[Tensor, dict[str, Tensor]]:
     """Distillation loss against a cached top-k of the teacher's logits, (B, T, k) values and indices.
 
     The teacher is known only on its top-k support S (per position) and is renormalised there, its mass
@@ -144,6 +212,7 @@ def kd_loss_topk(student_logits: Tensor, teacher_topk_values: Tensor, teacher_to
     are exactly kd_loss. Indices may be int32 or int64.
     """
     _check(alpha, temperature, divergence, beta)
+    _check_chunk(chunk)
     if student_norm not in get_args(StudentNorm):
         raise ValueError(f"unknown student_norm {student_norm!r}: expected one of {get_args(StudentNorm)}")
     if student_norm == "vocab" and divergence == "reverse_kl":
@@ -155,18 +224,20 @@ def kd_loss_topk(student_logits: Tensor, teacher_topk_values: Tensor, teacher_to
         raise ValueError(f"shapes differ: student {tuple(student_logits.shape)}, values "
                          f"{tuple(teacher_topk_values.shape)}, indices {tuple(teacher_topk_indices.shape)}, "
                          f"labels {tuple(labels.shape)}")
-    target, (student, values, indices) = _shifted_valid(
-        labels, ignore_index, student_logits, teacher_topk_values, teacher_topk_indices)
-    student = _float(student)
-    ce_sum = F.cross_entropy(student, target, reduction="sum")
-    log_p = F.log_softmax(_float(values.detach()) / temperature, dim=-1)
-    if student_norm == "topk":
-        log_q = F.log_softmax(student.gather(-1, indices.long()) / temperature, dim=-1)
-        d_sum = _divergence(log_p, log_q, divergence, beta).sum()
-    else:
-        d_sum = _divergence_with_rest(log_p, F.log_softmax(student / temperature, dim=-1), indices.long(),
-                                      divergence, beta).sum()
-    return _combine(ce_sum, d_sum, target.numel(), alpha, temperature)
+    target, b, t = _valid_positions(labels, ignore_index)
+
+    def terms(student: Tensor, rows: slice) -> tuple[Tensor, Tensor]:
+        student = _float(student)
+        indices = teacher_topk_indices[b[rows], t[rows]].long()
+        ce_sum = F.cross_entropy(student, target[rows], reduction="sum")
+        log_p = F.log_softmax(_float(teacher_topk_values[b[rows], t[rows]].detach()) / temperature, dim=-1)
+        if student_norm == "topk":
+            log_q = F.log_softmax(student.gather(-1, indices) / temperature, dim=-1)
+            return ce_sum, _divergence(log_p, log_q, divergence, beta).sum()
+        return ce_sum, _divergence_with_rest(log_p, F.log_softmax(student / temperature, dim=-1), indices,
+                                             divergence, beta).sum()
+
+    return _loss(student_logits, target, b, t, terms, alpha, temperature, chunk)
 
 
 def _divergence_with_rest(log_p: Tensor, log_q_vocab: Tensor, indices: Tensor, divergence: str,

@@ -19,6 +19,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, NoReturn
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -29,8 +30,16 @@ from slurm.taskenv import TaskEnv, process_age_s, slurm_job_end_time
 from training.checkpoint import Checkpointer, all_gather
 from training.config import TrainConfig
 from training.data import EvalSet, MixedStream, OpenedSource, check_compatible, open_sources
+from training.doc_mask import Feed
 from training.ds_checkpoint import load_checkpoint, loadable, record_checkpoint_files, saved_world, write_checkpoint
-from training.engine import build_engine, deepspeed_config, load_model, model_fingerprint, setup_distributed
+from training.engine import (
+    build_engine,
+    deepspeed_config,
+    for_device,
+    load_for_engine,
+    model_fingerprint,
+    setup_distributed,
+)
 from training.evaluate import EarlyStopping, evaluate
 from training.export import ExportInterrupted, export_model
 from training.metrics import MetricsLog
@@ -56,13 +65,13 @@ class TrainPaths:
 @dataclass(frozen=True)
 class Objective:
     name: str  # "cpt" or "distill"
-    # (engine, input_ids, sample ids as (source, row)) -> mean loss of the micro-batch
-    loss: Callable[[Any, torch.Tensor, list[tuple[int, int]]], torch.Tensor]
+    # (engine, forward keyword arguments (`Feed`), sample ids as (source, row)) -> mean loss of the micro-batch
+    loss: Callable[[Any, dict[str, Any], list[tuple[int, int]]], torch.Tensor]
     extra: dict[str, Any] | None = None  # what the export's provenance should record (e.g. the teacher)
 
 
-def causal_lm_loss(engine: Any, input_ids: torch.Tensor, ids: list[tuple[int, int]]) -> torch.Tensor:
-    return engine(input_ids=input_ids, labels=input_ids).loss  # type: ignore[no-any-return]
+def causal_lm_loss(engine: Any, inputs: dict[str, Any], ids: list[tuple[int, int]]) -> torch.Tensor:
+    return engine(**inputs, labels=inputs["input_ids"]).loss  # type: ignore[no-any-return]
 
 
 CPT = Objective("cpt", causal_lm_loss)
@@ -75,6 +84,7 @@ class TrainData:
     manifests: list[str]  # sha256 of each source's manifest, in order
     seq_len: int
     tokenizer_sha256: str
+    eos_id: int  # the sources' end-of-document token
 
 
 def open_data(cfg: TrainConfig, world: int) -> TrainData:
@@ -88,13 +98,11 @@ def open_data(cfg: TrainConfig, world: int) -> TrainData:
     if cfg.general_val:
         val_sets["general"] = EvalSet(OpenedSource(cfg.general_val, "val"), eval_rows)
     return TrainData(MixedStream(sources, cfg.data.weights, cfg.data.seed), val_sets,
-                     [s.manifest_sha256 for s in sources], seq_len, tokenizer_sha)
+                     [s.manifest_sha256 for s in sources], seq_len, tokenizer_sha, sources[0].eos_id)
 
 
 def _engine(cfg: TrainConfig, folder: Path, device: torch.device, main: bool) -> Any:
-    model = load_model(cfg.model.path, cfg.model.dtype, dropout=cfg.model.dropout,
-                       gradient_checkpointing=cfg.model.gradient_checkpointing)
-    engine = build_engine(cfg, model, device.type == "cuda")
+    engine = build_engine(cfg, load_for_engine(cfg, device.type == "cuda"), device.type == "cuda")
     record_checkpoint_files(engine)  # each rank fsyncs and hashes the checkpoint files it wrote
     if main:  # the configuration DeepSpeed was given, for whoever debugs the run
         publish_json(folder / "deepspeed.json", deepspeed_config(cfg, device.type == "cuda"))
@@ -145,8 +153,14 @@ def _mean_across_ranks(value: torch.Tensor) -> float:
     return float(value.item())
 
 
-def _optimizer_step(engine: Any, objective: Objective, batches: Prefetcher, lr: float, micro: int, accum: int,
-                    world: int, device: torch.device) -> torch.Tensor:
+def _on(device: torch.device, rows: np.ndarray) -> torch.Tensor:
+    """A batch on the device: to a GPU from pinned memory without blocking, so the copy overlaps the step."""
+    batch = torch.from_numpy(rows)
+    return batch.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else batch
+
+
+def _optimizer_step(engine: Any, objective: Objective, batches: Prefetcher, feed: Feed, lr: float, micro: int,
+                    accum: int, world: int, device: torch.device) -> torch.Tensor:
     """One optimizer step over `accum` micro-batches; returns the step's mean loss on this rank."""
     for group in engine.optimizer.param_groups:
         group["lr"] = lr
@@ -154,7 +168,7 @@ def _optimizer_step(engine: Any, objective: Objective, batches: Prefetcher, lr: 
     stream = batches.stream
     for m in range(accum):
         rows, ids = batches.next_batch(m)  # the next one is read meanwhile, in a background thread
-        loss = objective.loss(engine, torch.from_numpy(rows).to(device), ids)
+        loss = objective.loss(engine, feed(_on(device, rows)), ids)
         engine.backward(loss)
         # DeepSpeed counts micro-batches: engine.step() steps the optimizer (and zeroes the gradients) only at
         # the accumulation boundary, every `grad_accum`-th call; the calls before it only accumulate.
@@ -276,6 +290,7 @@ def _train(cfg: TrainConfig, paths: TrainPaths, env: TaskEnv, objective: Objecti
            stop: StopRequest) -> dict[str, Any]:
     # --- set up: processes, data, model, engine, state -------------------------------------------------------------
     device = setup_distributed(env)
+    cfg = for_device(cfg, device)  # bf16, TF32 and the attention kernel on a GPU; CPU unchanged
     rank, world, main = env.rank, env.world_size, env.rank == 0
     data = open_data(cfg, world)
     checkpoints = Checkpointer(paths.checkpoints, cfg.checkpoint.keep_last, rank, world, dist.barrier,
@@ -294,13 +309,14 @@ def _train(cfg: TrainConfig, paths: TrainPaths, env: TaskEnv, objective: Objecti
         _resume(engine, checkpoints, resumed, load_from, state, early, env, config_sha256)
     data.stream.load_state_dict(state.loader)
     micro, accum = cfg.engine.micro_batch, cfg.engine.grad_accum
+    feed = Feed(data.eos_id, cfg.model.document_mask)  # every forward pass, training and evaluation alike
     if main:
         print(f"[train] {objective.name} on {world} ranks ({device.type}):\n"
               f"{data.stream.describe(cfg.steps * micro * accum * world)}", flush=True)
     if requested := stop.agree(device):  # it came during set-up: leave before doing work nobody would save
         _leave(stop, log, rank, cfg, requested, "nothing new to save")
     if state.step == 0 and resumed is None:  # the base model's numbers: the reference for the forgetting alarm
-        base = evaluate(engine, data.val_sets, micro, device, rank, world)
+        base = evaluate(engine, data.val_sets, micro, device, rank, world, feed)
         early.set_baseline(base)
         log.record("eval", **base, base=True)
 
@@ -310,7 +326,7 @@ def _train(cfg: TrainConfig, paths: TrainPaths, env: TaskEnv, objective: Objecti
     batches = Prefetcher(data.stream, rank, world, micro, accum, enabled=cfg.data.prefetch)
     while state.step < cfg.steps and stopped is None:
         lr = lr_at(state.step, cfg.optim, cfg.steps)
-        step_loss = _optimizer_step(engine, objective, batches, lr, micro, accum, world, device)
+        step_loss = _optimizer_step(engine, objective, batches, feed, lr, micro, accum, world, device)
         state.step += 1
         state.tokens += step_tokens
         if state.step == start_step + 1:
@@ -319,7 +335,7 @@ def _train(cfg: TrainConfig, paths: TrainPaths, env: TaskEnv, objective: Objecti
             _record_train(log, engine, cfg, step_loss, lr, step_tokens, state.step - start_step, started)
         metric, new_best = None, False
         if state.step % cfg.eval.every == 0 or state.step == cfg.steps:
-            metrics = evaluate(engine, data.val_sets, micro, device, rank, world)
+            metrics = evaluate(engine, data.val_sets, micro, device, rank, world, feed)
             verdict = early.update(state.step, metrics)
             metric, new_best = metrics["domain_loss"], bool(verdict.get("best"))
             log.record("eval", **metrics, **verdict)

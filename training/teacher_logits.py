@@ -33,14 +33,16 @@ import torch
 
 from common.publish import COMPLETE, publish_bytes, publish_json, publish_json_once
 from sharding.shards import Manifest, ShardInfo, ShardWriter
-from training.config import TeacherLogitsConfig
+from training.config import ModelConfig, TeacherLogitsConfig
 from training.data import DataError, MixedStream, OpenedSource
+from training.doc_mask import Feed
 from training.engine import load_model, model_fingerprint, shared_weights_fingerprint, weights_fingerprint
 from training.kd import topk_logits
 
 SPLITS = ("topk_values", "topk_indices")  # the cache's two splits, in the order of _outputs
 ROWS = "rows.u64"  # the token rows the cache holds, sorted
 PLAN = "plan.json"  # the plan the folder was started for
+MASK = ModelConfig.document_mask  # the distillation's default: the cache must see documents as the student does
 
 
 def planned_rows(tokens: OpenedSource, plan: tuple[int, int] | None) -> np.ndarray:
@@ -53,14 +55,21 @@ def planned_rows(tokens: OpenedSource, plan: tuple[int, int] | None) -> np.ndarr
     return np.unique(np.fromiter((stream.sample_id(k)[1] for k in range(samples)), np.int64, count=samples))
 
 
-def _bind_plan(out: Path, plan: tuple[int, int] | None) -> None:
-    """The cache folder is bound to the plan it was started for (plan.json, the first task's): records of another
-    plan's rows would be kept as done and then refused by the index, for good."""
+def _bind_plan(out: Path, plan: tuple[int, int] | None, document_mask: bool) -> None:
+    """The cache folder is bound to the plan it was started for (plan.json, the first task's), and to its document
+    masking: records of another plan's rows, or of other attention, would be kept as done and then refused by the
+    index or the distillation, for good."""
     path = out / PLAN
-    wanted = {"version": 1, "plan": None if plan is None else {"samples": plan[0], "seed": plan[1]}}
+    wanted = {"version": 1, "plan": None if plan is None else {"samples": plan[0], "seed": plan[1]},
+              "document_mask": document_mask}
     if not path.exists():
         publish_json_once(path, wanted)
-    if (started := json.loads(path.read_text())) != wanted:
+    started = json.loads(path.read_text())
+    if (masked := bool(started.get("document_mask", False))) != document_mask:
+        raise ValueError(f"teacher-logits cache {out} was started {'with' if masked else 'without'} document "
+                         f"masking, and distill.model.document_mask is now {document_mask}; delete {out} to make the "
+                         "cache anew")
+    if started != wanted:
         raise ValueError(f"teacher-logits cache {out} was started for {started['plan'] or 'every train row'}, not "
                          f"{wanted['plan'] or 'every train row'} (teacher_logits.samples, distill.steps, its batch "
                          f"or distill.data.seed changed); delete {out} to make the cache for the new plan")
@@ -101,8 +110,9 @@ def _recorded(output: Path, split: str, rows: int) -> ShardInfo:
 
 
 def compute(cfg: TeacherLogitsConfig, teacher: Path, source: Path, out: Path, element: int,
-            plan: tuple[int, int] | None = None) -> dict[str, Any]:
-    """Array element `element`: the top-k logits of the planned rows of its token shards."""
+            plan: tuple[int, int] | None = None, document_mask: bool = MASK) -> dict[str, Any]:
+    """Array element `element`: the top-k logits of the planned rows of its token shards, the teacher seeing the
+    packed documents as the distillation's student will (`document_mask`)."""
     if (out / COMPLETE).exists():
         return {"skipped": "cache complete"}
     manifest = Manifest.load(source)
@@ -112,7 +122,8 @@ def compute(cfg: TeacherLogitsConfig, teacher: Path, source: Path, out: Path, el
     if cfg.k > vocab:
         raise ValueError(f"k = {cfg.k} exceeds the teacher's vocabulary of {vocab}")
     out.mkdir(parents=True, exist_ok=True)
-    _bind_plan(out, plan)
+    _bind_plan(out, plan, document_mask)
+    feed = Feed(manifest.eos_id, document_mask)
     tokens = OpenedSource(source, "train")
     planned = planned_rows(tokens, plan)
     done = 0
@@ -129,7 +140,7 @@ def compute(cfg: TeacherLogitsConfig, teacher: Path, source: Path, out: Path, el
             rows = [tokens.get(int(r)) for r in mine[start:start + cfg.batch]]
             batch = torch.from_numpy(np.stack(rows).astype(np.int64)).to(device)
             with torch.no_grad():
-                top_values, top_indices = topk_logits(model(input_ids=batch).logits.float(), cfg.k)
+                top_values, top_indices = topk_logits(model(**feed(batch)).logits.float(), cfg.k)
             values.write(top_values.cpu().numpy().reshape(len(rows), width))
             indices.write(top_indices.cpu().numpy().astype(indices.dtype).reshape(len(rows), width))
         for writer in (values, indices):
@@ -141,7 +152,7 @@ def compute(cfg: TeacherLogitsConfig, teacher: Path, source: Path, out: Path, el
 
 
 def index(cfg: TeacherLogitsConfig, teacher: Path, source: Path, out: Path,
-          plan: tuple[int, int] | None = None) -> dict[str, Any]:
+          plan: tuple[int, int] | None = None, document_mask: bool = MASK) -> dict[str, Any]:
     """The single last task: the cache's manifest from the outputs' records, then COMPLETE.
 
     It also hashes the teacher's weights (one read of them: 16 GB for 8B in bf16, see weights_fingerprint), so
@@ -150,7 +161,7 @@ def index(cfg: TeacherLogitsConfig, teacher: Path, source: Path, out: Path,
     if (out / COMPLETE).exists():
         _remove_records(out)  # left by a kill between COMPLETE and their removal
         return {"skipped": "cache complete"}
-    _bind_plan(out, plan)
+    _bind_plan(out, plan, document_mask)
     tokens = Manifest.load(source)
     opened = OpenedSource(source, "train")
     planned = planned_rows(opened, plan)
@@ -166,7 +177,7 @@ def index(cfg: TeacherLogitsConfig, teacher: Path, source: Path, out: Path,
                             "k": cfg.k, "token_seq_len": tokens.seq_len, "token_manifest_sha256": tokens.sha256(),
                             "token_shards": [s.sha256 for s in tokens.split_shards("train")],
                             "teacher": str(teacher), "teacher_fingerprint": model_fingerprint(str(teacher)),
-                            "teacher_weights": weights_fingerprint(teacher),
+                            "teacher_weights": weights_fingerprint(teacher), "document_mask": document_mask,
                             "rows": {"path": ROWS, "count": len(planned),
                                      "sha256": hashlib.sha256(rows_data).hexdigest(),
                                      "plan": None if plan is None else {"samples": plan[0], "seed": plan[1]}}})
@@ -186,7 +197,7 @@ def _remove_records(out: Path) -> None:
 class TopkCache:
     """The cached (seq_len, k) teacher top-k of training row i, checked against the token source it must match."""
 
-    def __init__(self, folder: Path, tokens: OpenedSource, teacher: Path) -> None:
+    def __init__(self, folder: Path, tokens: OpenedSource, teacher: Path, document_mask: bool = MASK) -> None:
         manifest = Manifest.load(folder)
         extra = manifest.extra
         token_manifest = Manifest.load(tokens.folder)
@@ -198,6 +209,10 @@ class TopkCache:
             raise DataError(f"teacher top-k cache {folder} was made with another tokenizer than {tokens.folder}")
         if extra.get("teacher_fingerprint") != model_fingerprint(str(teacher)):
             raise DataError(f"teacher top-k cache {folder} was made by another teacher than {teacher}")
+        if (masked := bool(extra.get("document_mask", False))) != document_mask:  # older caches: made without
+            raise DataError(f"teacher top-k cache {folder} was made {'with' if masked else 'without'} document "
+                            f"masking and distill.model.document_mask is {document_mask}: the teacher saw other "
+                            "attention than the student would; rerun the teacher-logits stage")
         if problems := manifest.verify(folder, full=False):
             raise DataError(f"teacher top-k cache {folder}: {'; '.join(problems)}")
         if "teacher_weights" not in extra:

@@ -306,3 +306,43 @@ def test_reverse_kl_with_vocab_norm_is_refused() -> None:
     with pytest.raises(ValueError, match="unknown student_norm"):
         kd_loss_topk(student, values, indices, labels, alpha=0.5, temperature=1.0, divergence="forward_kl",
                      student_norm="k")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("divergence", "norm"), [(d, None) for d in DIVERGENCES] + TOPK_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_chunked_loss_equals_all_positions_at_once(divergence: str, norm: str | None, dtype: torch.dtype) -> None:
+    """Chunks of 1, 3 and 4 positions (boundaries inside rows and across the batch, masked positions skipped) give
+    the loss, its parts and the student's gradient of chunk = 0 (all positions at once, plain autograd)."""
+    student, teacher, labels = _batch(9, dtype, b=3, t=7, v=11)
+    labels[2, 1:5] = -100
+    values, indices = torch.topk(teacher, 4, dim=-1)
+    kw: dict[str, Any] = {"alpha": 0.3, "temperature": 2.5, "divergence": divergence, "beta": 0.2}
+
+    def run(chunk: int) -> tuple[Tensor, dict[str, Tensor], Tensor]:
+        s = student.clone().requires_grad_(True)
+        loss, parts = (kd_loss_topk(s, values, indices.int(), labels, student_norm=norm, chunk=chunk, **kw) if norm
+                       else kd_loss(s, teacher, labels, chunk=chunk, **kw))
+        (loss * 3.0).backward()  # a scaled upstream gradient, as DeepSpeed's loss scaling gives
+        assert s.grad is not None and s.grad.dtype == dtype
+        return loss.detach(), parts, s.grad
+
+    loss, parts, grad = run(0)
+    for chunk in (1, 3, 4, 10_000):
+        c_loss, c_parts, c_grad = run(chunk)
+        torch.testing.assert_close(c_loss, loss, rtol=1e-6, atol=1e-7)
+        for key in ("ce", "kd"):
+            torch.testing.assert_close(c_parts[key], parts[key], rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(c_grad, grad, rtol=1e-5 if dtype == torch.float32 else 1e-2, atol=1e-7)
+    assert not grad[:, -1].any() and not grad[2, :4].any()  # positions predicting nothing get no gradient
+
+
+def test_the_chunked_loss_passes_gradcheck_and_needs_no_grad_for_a_value() -> None:
+    student, teacher, labels = _batch(10, torch.float64, b=2, t=5, v=4)
+    kw: dict[str, Any] = {"alpha": 0.6, "temperature": 1.5, "divergence": "jsd", "beta": 0.4, "chunk": 3}
+    assert torch.autograd.gradcheck(lambda s: kd_loss(s, teacher, labels, **kw)[0],
+                                    (student.clone().requires_grad_(True),))
+    value, _ = kd_loss(student, teacher, labels, **kw)  # no input needs a gradient: nothing is stored
+    assert not value.requires_grad
+    torch.testing.assert_close(value, kd_loss(student, teacher, labels, **{**kw, "chunk": 0})[0])
+    with pytest.raises(ValueError, match="chunk must be >= 0"):
+        kd_loss(student, teacher, labels, **{**kw, "chunk": -1})

@@ -1,0 +1,75 @@
+"""The engine's device defaults (training/engine.py): what "auto" becomes on CPU and what the DeepSpeed config gets
+on GPU, and a ZeRO-3 model built partitioned (zero.Init) rather than whole on every rank."""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from launcher.run_config import load_run_config
+from sharding.tokenize import train_bpe_tokenizer
+from tests.conftest import free_port
+from training.engine import deepspeed_config, for_device
+from training.tiny import build_tiny_llama
+
+
+def test_auto_is_fp32_and_transformers_attention_on_cpu_and_explicit_choices_stay() -> None:
+    cfg = load_run_config(None, []).cpt
+    assert (cfg.model.dtype, cfg.model.attention) == ("auto", "auto")
+    cpu = for_device(cfg, torch.device("cpu"))
+    assert (cpu.model.dtype, cpu.model.attention) == ("fp32", "auto")
+    explicit = for_device(load_run_config(None, ["cpt.model.dtype=bf16", "cpt.model.attention=eager"]).cpt,
+                          torch.device("cpu"))
+    assert (explicit.model.dtype, explicit.model.attention) == ("bf16", "eager")
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_gpu_runs_overlap_gradient_reduction_and_cpu_runs_keep_deepspeeds_defaults(stage: int) -> None:
+    cfg = load_run_config(None, [f"cpt.engine.zero_stage={stage}"]).cpt
+    gpu, cpu = deepspeed_config(cfg, on_gpu=True)["zero_optimization"], deepspeed_config(cfg, on_gpu=False)
+    assert "overlap_comm" not in cpu["zero_optimization"] and "contiguous_gradients" not in cpu["zero_optimization"]
+    if stage in (1, 2):
+        assert gpu["overlap_comm"] is True and gpu["contiguous_gradients"] is True
+    else:  # stage 3 overlaps already; stage 0 reduces nothing of its own
+        assert "overlap_comm" not in gpu
+    off = load_run_config(None, [f"cpt.engine.zero_stage={stage}", "cpt.engine.overlap_comm=false"]).cpt
+    assert deepspeed_config(off, on_gpu=True)["zero_optimization"].get("overlap_comm", False) is False
+
+
+def _load_zero3(rank: int, port: int, model_dir: Path, out: Path) -> None:
+    os.environ.update(LOCAL_RANK="0", RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                      DS_ACCELERATOR="cpu")
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1,
+                            timeout=timedelta(seconds=60))
+    try:
+        from training.engine import load_for_engine
+
+        shapes = {}
+        for stage in (2, 3):
+            cfg = load_run_config(None, [f"cpt.model.path={model_dir}", f"cpt.engine.zero_stage={stage}"]).cpt
+            model = load_for_engine(for_device(cfg, torch.device("cpu")), on_gpu=False)
+            shapes[stage] = [[p.numel(), getattr(p, "ds_numel", None)] for p in model.parameters()]
+        out.write_text(json.dumps(shapes))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.timeout(120)
+def test_a_zero3_model_is_partitioned_as_it_is_built(tmp_path: Path) -> None:
+    tokenizer = train_bpe_tokenizer(["the miller's tale of a mill and its miller"] * 20, 300, tmp_path / "tok")
+    model_dir = build_tiny_llama(tokenizer, tmp_path / "tiny", hidden=32, layers=1)
+    out = tmp_path / "shapes.json"
+    mp.spawn(_load_zero3, args=(free_port(), model_dir, out), nprocs=1, join=True)  # its own process group
+    shapes = json.loads(out.read_text())
+    # ZeRO-2: whole tensors, as from_pretrained makes them. ZeRO-3: before any engine exists, every parameter
+    # is already a partitioned ZeRO-3 parameter: an empty local tensor, its full size in ds_numel.
+    assert all(numel > 0 and ds is None for numel, ds in shapes["2"])
+    assert all(numel == 0 and ds > 0 for numel, ds in shapes["3"])
+    assert [ds for _, ds in shapes["3"]] == [numel for numel, _ in shapes["2"]]
