@@ -7,7 +7,8 @@ ZeRO-3 loading, training/doc_mask.py's feed, training/kd.py's chunked loss, trai
   1. an NCCL all-reduce (one rank) and the time of a 256 MB one;
   2. bf16 ZeRO-2 continued pretraining of SmolLM2-135M's architecture and of a ~1 B Llama, both built from a
      config (random weights: nothing is downloaded), --steps optimizer steps on packed random rows with document
-     masking: tokens/s and MFU = 6 x parameters x tokens/s / the device's dense bf16 peak;
+     masking: tokens/s and MFU = 6 x parameters x tokens/s / the device's dense bf16 peak; the 135M again without
+     masking, for what masking costs on this GPU and attention kernel;
   3. one KD step of the 135M student against a cached top-64 of the teacher, with the peak GPU memory;
   4. the export check in bf16: the model saved, loaded with transformers as the engine ran, logits compared.
 --quick runs everything tiny, on CPU when there is no GPU: a check of the script, not of a GPU.
@@ -85,11 +86,11 @@ def build(arch: dict[str, Any], folder: Path, dtype: torch.dtype) -> Path:
     return folder
 
 
-def train_config(model: Path, micro: int, zero: int, quick: bool) -> Any:
+def train_config(model: Path, micro: int, zero: int, document_mask: bool) -> Any:
     from launcher.run_config import load_run_config
 
     overrides = [f"cpt.model.path={model}", f"cpt.engine.zero_stage={zero}", f"cpt.engine.micro_batch={micro}",
-                 "cpt.model.dropout=0.0"]
+                 "cpt.model.dropout=0.0", f"cpt.model.document_mask={str(document_mask).lower()}"]
     if shutil.which("nvcc") is None:  # FusedAdam is compiled at first use; without nvcc, torch's AdamW
         overrides.append('cpt.engine.overrides={"optimizer.params.torch_adam" = "true"}')
     return load_run_config(None, overrides).cpt
@@ -102,12 +103,14 @@ def rows_for(batch: int, seq: int, vocab: int, device: torch.device) -> torch.Te
 
 
 def cpt_check(name: str, arch: dict[str, Any], micro: int, args: argparse.Namespace, device: torch.device,
-              work: Path, peak: float) -> dict[str, Any]:
+              work: Path, peak: float, document_mask: bool = True) -> dict[str, Any]:
     from training.doc_mask import Feed
     from training.engine import build_engine, for_device, load_for_engine
 
-    folder = build(arch, work / name, torch.bfloat16 if device.type == "cuda" else torch.float32)
-    cfg = for_device(train_config(folder, micro, 2, args.quick), device)
+    folder = work / name
+    if not folder.exists():
+        build(arch, folder, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    cfg = for_device(train_config(folder, micro, 2, document_mask), device)
     engine = build_engine(cfg, load_for_engine(cfg, device.type == "cuda"), device.type == "cuda")
     params = sum(p.numel() for p in engine.module.parameters())
     feed = Feed(EOS, cfg.model.document_mask)
@@ -126,7 +129,7 @@ def cpt_check(name: str, arch: dict[str, Any], micro: int, args: argparse.Namesp
     result = {"params": params, "tokens_per_s": tokens_per_s, "mfu": mfu, "loss": float(loss.detach()),
               "dtype": cfg.model.dtype, "attention": engine.module.config._attn_implementation,
               "peak_gb": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")}
-    if name.startswith("smollm2"):
+    if name.startswith("smollm2") and document_mask:
         result["export"] = export_check(engine, cfg, feed, rows, device, work / f"{name}-export")
     del engine
     if device.type == "cuda":
@@ -208,6 +211,11 @@ def main() -> None:
             if "export" in r:
                 _row(rows, f"export {arch_name}", "bf16 check" if gpu else "fp32 check",
                      "ok" if r["export"]["ok"] else r["export"].get("error", "failed"), "")
+                plain = results[f"{arch_name}-unmasked"] = cpt_check(arch_name, arch, micro, args, device, Path(tmp),
+                                                                     peak, document_mask=False)
+                cost = plain["tokens_per_s"] / r["tokens_per_s"] - 1
+                _row(rows, f"cpt {arch_name}, no document mask", "the same steps",
+                     f"{plain['tokens_per_s']:,.0f} tok/s", f"masking costs {cost:+.1%} of the rate")
         arch, micro = archs["smollm2-135m"]
         results["kd"] = kd = kd_check(arch, micro, args, device)
         _row(rows, "kd step, cached top-64", f"micro-batch {micro} x {args.seq}", f"{kd['seconds'] * 1e3:.0f} ms",
