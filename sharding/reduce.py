@@ -212,12 +212,18 @@ def _plan(out: Path) -> dict[str, Any]:
                            "rerun the stage") from None
 
 
+def _unit_count(plan: dict[str, Any], out: Path) -> int:
+    """The map's units, as the cluster step counted them; a cluster.json of a stillroom that mapped whole files
+    only (no "units") has one per input file."""
+    return int(plan["units"]) if "units" in plan else len(_recorded(out))
+
+
 def pack_step(cfg: ShardConfig, out: Path, rank: int, world: int) -> dict[str, Any]:
     """Pack element `rank` of `world`: every packing group g with g % world == rank."""
     if (out / COMPLETE).exists():
         return {"skipped": "stage already complete"}
     plan = _plan(out)
-    space = KeySpace(plan["base"], plan["units"])
+    space = KeySpace(plan["base"], _unit_count(plan, out))
     _, info = load_tokenizer(cfg.tokenizer, cfg.eos_token)
     drop_keys = np.load(out / WORK / DROP_KEYS, mmap_mode="r")  # a strided view would be copied whole
     done = 0
@@ -251,7 +257,7 @@ def finish(cfg: ShardConfig, out: Path, data_hash: str) -> dict[str, Any]:
                            "rerun the stage")
     recorded = _recorded(out)
     tally = Tally.from_state_dict(plan["tally"])
-    for i in range(plan["units"]):
+    for i in range(_unit_count(plan, out)):
         tally.merge(Tally.from_state_dict(json.loads(work_files(out, i).tally.read_text())))
     packs = [json.loads(_pack_path(out, g).read_text()) for g in range(len(plan["groups"]))]
     tally.docs_kept = sum(p["kept"] for p in packs)
@@ -281,7 +287,7 @@ def finish(cfg: ShardConfig, out: Path, data_hash: str) -> dict[str, Any]:
     _, info = load_tokenizer(cfg.tokenizer, cfg.eos_token)
     previous = Previous.load([Path(p) for p in cfg.dedup.previous], cfg.dedup.minhash)
     own = [Part(out, p["files"], 0, p["key_min"], p["key_max"], p["buckets"]) for pack in packs for p in pack["parts"]]
-    index = write_index(out, own, previous, KeySpace(plan["base"], plan["units"]).end, cfg.dedup.minhash)
+    index = write_index(out, own, previous, KeySpace(plan["base"], _unit_count(plan, out)).end, cfg.dedup.minhash)
     manifest = Manifest(seq_len=cfg.seq_len, dtype=token_dtype(info.id_bound).name, tokenizer_sha256=info.sha256,
                         tokenizer_path=info.path, eos_id=info.eos_id, config_sha256=data_hash, shards=shards,
                         extra={"docs": {s: tokens[s]["docs"] for s in splits},

@@ -224,14 +224,29 @@ def _export(engine: Any, cfg: TrainConfig, paths: TrainPaths, checkpoints: Check
             state: TrainState, objective: Objective, stopped: str | None, device: torch.device, rank: int,
             interrupted: Callable[[], bool]) -> dict[str, Any]:
     """The final (or best) weights as a Hugging Face folder, with where they came from."""
-    source = checkpoints.best_checked() if cfg.export == "best" and early.best is not None else None
+    best = checkpoints.best_checked() if cfg.export == "best" and early.best is not None else None
+    source = None if best is None else _loadable_now(engine, cfg, best, paths, rank)
     result = export_model(engine, cfg, paths.export, source, device, rank, provenance={
         "objective": objective.name, **(objective.extra or {}), "base_model": cfg.model.path,
+        "weights": "the last step" if best is None else f"the best checkpoint, {best.name}",
         "data_manifests": state.manifest_sha256, "steps": state.step, "tokens": state.tokens,
         "validation": early.last, "stopped": stopped, "config_sha256": state.config_sha256}, interrupted=interrupted)
     final = early.last.get("domain_loss", math.nan)
     return {"step": state.step, "tokens": state.tokens, "export": str(paths.export), **result,
             "final_domain_loss": None if math.isnan(final) else final}
+
+
+def _loadable_now(engine: Any, cfg: TrainConfig, checkpoint: Path, paths: TrainPaths, rank: int) -> Path:
+    """Where this engine loads `checkpoint` from: the folder itself when it was saved at this rank count, else its
+    universal conversion (made now if need be). DeepSpeed reads every checkpoint in the universal format once its
+    config says so, and a resume on another rank count said so at start-up: a best checkpoint saved since, at this
+    rank count, would then be read as universal and fail. So the engine is told, for this checkpoint, which it is.
+    """
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    _, load_from = loadable(cfg, checkpoint, paths.folder / "universal", rank, world)
+    assert load_from is not None
+    engine._config.load_universal_checkpoint = load_from != checkpoint
+    return load_from
 
 
 def _export_unless_stopped(engine: Any, cfg: TrainConfig, paths: TrainPaths, checkpoints: Checkpointer,

@@ -161,11 +161,14 @@ def test_two_rank_run_resumed_on_one_rank_continues_the_same_data(tmp_path: Path
     assert proc.wait(timeout=120) == REQUEUE_EXIT_CODE
     again = records(run.path, "cpt", "stop")[-1]["step"]
     # And back on 2 ranks: the 1-rank checkpoint goes through the universal format, converted by rank 0 while
-    # rank 1 waits for it on the filesystem.
+    # rank 1 waits for it on the filesystem. This leg exports the best checkpoint: one saved since the resume, at
+    # this rank count, which the engine must read natively although it was set up to read a universal one.
     (run.path / "config.toml").unlink()
-    RunDir.create(load_run_config(config, overrides))
+    RunDir.create(load_run_config(config, [*overrides, "cpt.export=best"]))
     procs = run_trainer(run.path, 2)
     assert [p.wait(timeout=300) for p in procs] == [0, 0]
+    best = json.loads((run.path / "cpt" / "export" / "provenance.json").read_text())["weights"]
+    assert best.startswith("the best checkpoint, step-") and int(best.rsplit("-", 1)[1]) > again, best
     first = records(run.path, "cpt", "first_step")[-1]
     assert (first["step"], first["world"], first["resumed"]) == (again + 1, 2, True)
     converted = {p.name for p in (run.path / "cpt" / "universal").glob("step-*")}
