@@ -4,18 +4,15 @@ on GPU, and a ZeRO-3 model built partitioned (zero.Init) rather than whole on ev
 from __future__ import annotations
 
 import json
-import os
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from launcher.run_config import load_run_config
 from sharding.tokenize import train_bpe_tokenizer
-from tests.conftest import free_port
+from tests.conftest import free_port, one_rank_group
 from training.engine import deepspeed_config, for_device
 from training.tiny import build_tiny_llama
 
@@ -44,11 +41,7 @@ def test_gpu_runs_overlap_gradient_reduction_and_cpu_runs_keep_deepspeeds_defaul
 
 
 def _load_zero3(rank: int, port: int, model_dir: Path, out: Path) -> None:
-    os.environ.update(LOCAL_RANK="0", RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                      DS_ACCELERATOR="cpu")
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1,
-                            timeout=timedelta(seconds=60))
-    try:
+    with one_rank_group(port):
         from training.engine import load_for_engine
 
         shapes = {}
@@ -57,8 +50,6 @@ def _load_zero3(rank: int, port: int, model_dir: Path, out: Path) -> None:
             model = load_for_engine(for_device(cfg, torch.device("cpu")), on_gpu=False)
             shapes[stage] = [[p.numel(), getattr(p, "ds_numel", None)] for p in model.parameters()]
         out.write_text(json.dumps(shapes))
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.timeout(120)

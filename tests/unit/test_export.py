@@ -4,14 +4,11 @@ bf16), listed file by file in COMPLETE, and abandoned when a stop signal comes."
 from __future__ import annotations
 
 import json
-import os
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -19,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from common.checksum import xxh3_file
 from launcher.run_config import load_run_config
 from sharding.tokenize import train_bpe_tokenizer
-from tests.conftest import free_port
+from tests.conftest import free_port, one_rank_group
 from training.export import ExportInterrupted, ExportMismatch, export_model
 from training.tiny import build_tiny_llama
 
@@ -102,11 +99,7 @@ def test_an_export_that_does_not_reproduce_the_engine_is_not_published(model_dir
 
 def _bf16_zero3_export(rank: int, port: int, model_dir: Path, out: Path) -> None:
     """A real DeepSpeed engine as the trainer builds it (bf16, ZeRO-3), one step trained, then exported."""
-    os.environ.update(LOCAL_RANK="0", RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                      DS_ACCELERATOR="cpu")
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1,
-                            timeout=timedelta(seconds=60))
-    try:
+    with one_rank_group(port):
         from training.engine import build_engine, load_model
 
         cfg = load_run_config(None, [f"cpt.model.path={model_dir}", "cpt.engine.zero_stage=3",
@@ -124,8 +117,6 @@ def _bf16_zero3_export(rank: int, port: int, model_dir: Path, out: Path) -> None
         engine.step()
         result = export_model(engine, cfg, out, None, torch.device("cpu"), 0, provenance={"steps": 1})
         (out.parent / "result.json").write_text(json.dumps(result))
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.timeout(120)
