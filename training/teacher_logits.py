@@ -69,7 +69,7 @@ def _bind_plan(out: Path, plan: tuple[int, int] | None, document_mask: bool) -> 
         raise ValueError(f"teacher-logits cache {out} was started {'with' if masked else 'without'} document "
                          f"masking, and distill.model.document_mask is now {document_mask}; delete {out} to make the "
                          "cache anew")
-    if started != wanted:
+    if {**started, "document_mask": masked} != wanted:  # a plan.json from before masking has no such key
         raise ValueError(f"teacher-logits cache {out} was started for {started['plan'] or 'every train row'}, not "
                          f"{wanted['plan'] or 'every train row'} (teacher_logits.samples, distill.steps, its batch "
                          f"or distill.data.seed changed); delete {out} to make the cache for the new plan")

@@ -190,6 +190,16 @@ def test_a_cache_is_refused_once_the_teachers_weights_changed(topk_cache: _Cache
         TopkCache(topk_cache.cache, OpenedSource(topk_cache.tokens), teacher)
 
 
+def test_a_cache_made_with_other_document_masking_is_refused(topk_cache: _Cache, teacher_model: Path) -> None:
+    from training.data import DataError, OpenedSource
+    from training.teacher_logits import TopkCache
+
+    TopkCache(topk_cache.cache, OpenedSource(topk_cache.tokens), teacher_model, document_mask=True)  # as made
+    with pytest.raises(DataError, match=rf"^teacher top-k cache {topk_cache.cache} was made with document masking "
+                                        r"and distill.model.document_mask is False: the teacher saw other attention"):
+        TopkCache(topk_cache.cache, OpenedSource(topk_cache.tokens), teacher_model, document_mask=False)
+
+
 def test_the_index_builds_the_manifest_from_what_the_writers_returned(topk_cache: _Cache, teacher_model: Path,
                                                                       tmp_path: Path) -> None:
     """compute() keeps what ShardWriter.close() returns as one record per output (which only close() can know
