@@ -18,7 +18,7 @@ TOKENIZER = "a" * 64
 
 
 def make_source(folder: Path, s: int, train: int, val: int = 0, seq_len: int = 8, shard_rows: int = 64,
-                tokenizer: str = TOKENIZER) -> Path:
+                tokenizer: str = TOKENIZER, eos_id: int = 0) -> Path:
     """A shard folder whose row r of source s holds s*1000 + r in every position (both splits)."""
     folder.mkdir(parents=True)
     infos = []
@@ -28,7 +28,7 @@ def make_source(folder: Path, s: int, train: int, val: int = 0, seq_len: int = 8
             writer = ShardWriter(folder / f"{split}-{i:05d}.arrow", seq_len, np.dtype(np.uint16), split)
             writer.write(np.repeat(values[:, None], seq_len, axis=1))
             infos.append(writer.close())
-    Manifest(seq_len=seq_len, dtype="uint16", tokenizer_sha256=tokenizer, tokenizer_path="tok", eos_id=0,
+    Manifest(seq_len=seq_len, dtype="uint16", tokenizer_sha256=tokenizer, tokenizer_path="tok", eos_id=eos_id,
              config_sha256="c", shards=tuple(infos)).save(folder)
     return folder
 
@@ -221,6 +221,16 @@ def test_corrupt_and_truncated_shards_are_refused(folders: list[Path]) -> None:
         OpenedSource(folders[0])
     with pytest.raises(DataError, match="no manifest.json"):
         OpenedSource(folders[0] / "nope")
+
+
+def test_sources_ending_documents_with_other_tokens_are_refused(tmp_path: Path) -> None:
+    # Document masking restarts positions after the EOS token: one batch can follow only one.
+    first = OpenedSource(make_source(tmp_path / "a", 0, 10))
+    other = OpenedSource(make_source(tmp_path / "b", 1, 10, eos_id=3), name="replay")
+    check_compatible([first, OpenedSource(make_source(tmp_path / "c", 2, 10))], TOKENIZER, 8)
+    with pytest.raises(DataError, match=r"^source replay \(.*\) ends documents with token 3, a with 0: shard them "
+                                        r"with one shard.eos_token$"):
+        check_compatible([first, other], TOKENIZER, 8)
 
 
 def test_tokenizer_and_seq_len_mismatches_are_one_clear_line(tmp_path: Path) -> None:
