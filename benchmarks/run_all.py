@@ -46,7 +46,7 @@ QUICK = {  # small sizes: minutes on a 2-core machine, figures noisier than at t
     "clean_cost": ["--mb", "2"],
     "map_workers": ["--mb", "2"],
     "shard_scale": ["--scales", "1", "4", "16", "--docs", "10000"],
-    "train_overhead": ["--steps", "10"],
+    "train_overhead": ["--steps", "10", "--rounds", "2", "--max-rounds", "2"],
     "doc_mask_cost": ["--seq", "512", "--repeats", "3"],
     "kd_memory": ["--vocab", "32768", "--seq", "1024"],
     "distill_cost": ["--steps", "5"],

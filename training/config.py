@@ -126,6 +126,7 @@ class EvalConfig:
     patience: int = 0  # stop after this many evaluations without improvement of domain loss (0: never)
     min_delta: float = 0.0  # improvement smaller than this does not count
     forgetting_pct: float = 10.0  # warn when general perplexity rises this many % above the base model's
+    forgetting_stop: bool = False  # and then stop the run as early stopping does (checkpoint, export); else warn only
 
     def __post_init__(self) -> None:
         _at_least(self, 1, "every", "batches")

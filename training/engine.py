@@ -206,3 +206,25 @@ def build_engine(cfg: TrainConfig, model: torch.nn.Module, on_gpu: bool) -> Any:
     params = [p for p in model.parameters() if p.requires_grad]
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=deepspeed_config(cfg, on_gpu))
     return engine
+
+
+def _device_name(offload: Any) -> str | None:
+    """An offload setting's device ("cpu", "nvme"), or None when nothing is offloaded."""
+    device = getattr(offload, "device", None)
+    name = None if device is None else str(getattr(device, "value", device))  # an enum in DeepSpeed's config
+    return None if name in (None, "none") else name
+
+
+def engine_summary(engine: Any) -> dict[str, Any]:
+    """What a built engine actually runs with, read from it rather than from the config (a DeepSpeed override or
+    an "auto" choice may differ from what the config says): recorded once per attempt as the `setup` event."""
+    module = engine.module
+    offload_opt, offload_param = engine.zero_offload_optimizer(), engine.zero_offload_param()
+    return {"zero_stage": int(engine.zero_optimization_stage()), "bf16": bool(engine.bfloat16_enabled()),
+            "param_dtype": str(next(module.parameters()).dtype).removeprefix("torch."),
+            "attention": getattr(module.config, "_attn_implementation", None),
+            "gradient_checkpointing": bool(getattr(module, "is_gradient_checkpointing", False)),
+            "offload_optimizer": _device_name(offload_opt), "offload_params": _device_name(offload_param),
+            "gradient_clipping": float(engine.gradient_clipping()),
+            "micro_batch": int(engine.train_micro_batch_size_per_gpu()),
+            "grad_accum": int(engine.gradient_accumulation_steps())}

@@ -38,10 +38,14 @@ def evaluate(engine: Any, val_sets: dict[str, Any], micro_batch: int, device: to
 
 class EarlyStopping:
     """Tracks the best domain loss, counts evaluations without improvement, and raises the
-    forgetting alarm when general perplexity climbs too far above the base model's."""
+    forgetting alarm when general perplexity climbs too far above the base model's.
 
-    def __init__(self, patience: int, min_delta: float, forgetting_pct: float) -> None:
+    `update`'s verdict holds "stop" (why, in words) when the run should end here: `patience` evaluations without
+    improvement, or the alarm with `forgetting_stop`."""
+
+    def __init__(self, patience: int, min_delta: float, forgetting_pct: float, forgetting_stop: bool = False) -> None:
         self.patience, self.min_delta, self.forgetting_pct = patience, min_delta, forgetting_pct
+        self.forgetting_stop = forgetting_stop
         self.best: float | None = None
         self.best_step: int | None = None
         self.bad_evals = 0
@@ -62,7 +66,7 @@ class EarlyStopping:
         else:
             self.bad_evals += 1
         if self.patience and self.bad_evals >= self.patience:
-            verdict["stop"] = True
+            verdict["stop"] = f"early stopping: no improvement in {self.patience} evaluations"
         base = self.baseline.get("general_ppl")
         if base and "general_ppl" in metrics:
             rise = 100.0 * (metrics["general_ppl"] / base - 1.0)
@@ -71,6 +75,9 @@ class EarlyStopping:
                 verdict["forgetting_alarm"] = True
                 print(f"[train] WARNING forgetting alarm at step {step}: general perplexity "
                       f"{metrics['general_ppl']:.2f} is {rise:.1f}% above the base model's {base:.2f}", flush=True)
+                if self.forgetting_stop:
+                    verdict["stop"] = (f"forgetting alarm: general perplexity {rise:.1f}% above the base model's "
+                                       f"(eval.forgetting_pct = {self.forgetting_pct:g})")
         return verdict
 
     def state_dict(self) -> dict[str, Any]:

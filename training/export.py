@@ -63,7 +63,10 @@ def export_model(engine: Any, cfg: TrainConfig, folder: Path, source: Path | Non
     time instead of being killed at its limit; the next attempt exports from the final checkpoint.
     """
     if source is not None:  # export the best checkpoint's weights rather than the last ones
-        engine.load_checkpoint(str(source.parent), tag=source.name, load_optimizer_states=False,
+        # ZeRO-3 loads its optimizer states too: without them DeepSpeed rebuilds the weights through zero_to_fp32,
+        # which ignores the tag (it reads a `latest` file we do not keep) and gathers the whole fp32 model on
+        # every rank (32 GB per rank for 8B). With them each rank reads only its own partition, as on resume.
+        engine.load_checkpoint(str(source.parent), tag=source.name, load_optimizer_states=cfg.engine.zero_stage == 3,
                                load_lr_scheduler_states=False)
     vocab = engine.module.config.vocab_size
     probe = (torch.arange(64, device=device).reshape(2, 32) * 7919 % vocab).long()

@@ -35,6 +35,7 @@ from training.ds_checkpoint import load_checkpoint, loadable, record_checkpoint_
 from training.engine import (
     build_engine,
     deepspeed_config,
+    engine_summary,
     for_device,
     load_for_engine,
     model_fingerprint,
@@ -316,7 +317,7 @@ def _train(cfg: TrainConfig, paths: TrainPaths, env: TaskEnv, objective: Objecti
     state = TrainState(manifest_sha256=data.manifests, config_sha256=config_sha256, seq_len=data.seq_len,
                        model_fingerprint=model_fingerprint(cfg.model.path), tokenizer_sha256=data.tokenizer_sha256)
     stop.set_deadline(_job_end_time(env), margin_s=float(cfg.resources.signal_lead_s))
-    early = EarlyStopping(cfg.eval.patience, cfg.eval.min_delta, cfg.eval.forgetting_pct)
+    early = EarlyStopping(cfg.eval.patience, cfg.eval.min_delta, cfg.eval.forgetting_pct, cfg.eval.forgetting_stop)
     log = MetricsLog(paths.metrics, paths.progress, state, active=main, objective=objective.name, total_steps=cfg.steps)
 
     # --- resume from the newest valid checkpoint, if any --------------------------------------------------------------
@@ -325,9 +326,12 @@ def _train(cfg: TrainConfig, paths: TrainPaths, env: TaskEnv, objective: Objecti
     data.stream.load_state_dict(state.loader)
     micro, accum = cfg.engine.micro_batch, cfg.engine.grad_accum
     feed = Feed(data.eos_id, cfg.model.document_mask)  # every forward pass, training and evaluation alike
+    setup = {**engine_summary(engine), "document_mask": cfg.model.document_mask, "world": world}
+    log.record("setup", **setup)
     if main:
-        print(f"[train] {objective.name} on {world} ranks ({device.type}):\n"
-              f"{data.stream.describe(cfg.steps * micro * accum * world)}", flush=True)
+        print(f"[train] {objective.name} on {world} ranks ({device.type}): "
+              + ", ".join(f"{k}={v}" for k, v in setup.items() if k != "world")
+              + f"\n{data.stream.describe(cfg.steps * micro * accum * world)}", flush=True)
     if requested := stop.agree(device):  # it came during set-up: leave before doing work nobody would save
         _leave(stop, log, rank, cfg, requested, "nothing new to save")
     if state.step == 0 and resumed is None:  # the base model's numbers: the reference for the forgetting alarm
@@ -354,8 +358,7 @@ def _train(cfg: TrainConfig, paths: TrainPaths, env: TaskEnv, objective: Objecti
             verdict = early.update(state.step, metrics)
             metric, new_best = metrics["domain_loss"], bool(verdict.get("best"))
             log.record("eval", **metrics, **verdict)
-            if verdict.get("stop"):
-                stopped = f"early stopping: no improvement in {cfg.eval.patience} evaluations"
+            stopped = verdict.get("stop")  # early stopping, or the forgetting alarm when it may stop the run
         due = checkpoint_due(cfg, state.step, (time.monotonic() - last_save) / 60, new_best)
         requested = stop.agree(device)
         if due or requested or stopped or state.step == cfg.steps:

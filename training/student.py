@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 import itertools
 import json
 import shutil
@@ -292,15 +291,18 @@ def _vocab_size(folder: Path) -> int | None:
 
 
 def check_same_vocab(teacher: Path, student: Path) -> None:
-    """Raise ValueError unless teacher and student share one tokenizer.json and one vocabulary size.
+    """Raise ValueError unless teacher and student share one tokenizer and one vocabulary size.
 
     Logit distillation compares distributions token id by token id, so a different tokenizer is a silent error.
     """
+    from sharding.tokenize import TokenizerError, tokenizer_fingerprint
+
     digests = []
     for folder in (teacher, student):
-        if not (folder / "tokenizer.json").is_file():
-            raise ValueError(f"{folder} has no tokenizer.json: cannot check that the vocabularies match")
-        digests.append(hashlib.sha256((folder / "tokenizer.json").read_bytes()).hexdigest())
+        try:
+            digests.append(tokenizer_fingerprint(folder))
+        except TokenizerError as e:
+            raise ValueError(f"{folder}: cannot check that the vocabularies match: {e}") from None
     if digests[0] != digests[1]:
         raise ValueError(f"teacher and student tokenizers differ (sha256 {digests[0][:12]}… vs {digests[1][:12]}…): "
                          "distillation needs one vocabulary")

@@ -307,11 +307,14 @@ def test_two_node_run_resumed_on_one_node_continues_the_same_data(tmp_path: Path
     wait_for_step(run.path, "cpt", 8)
     assert main(["cancel", str(run.path)]) == 0  # scancel: SIGTERM, the trainer saves at the next step
     wait_for("the stop-checkpoint", lambda: records(run.path, "cpt", "stop"), timeout=60)
+    rank1 = "".join(p.read_text() for p in log_files(run, "cpt", 1))
+    assert "node=1(2), global_rank=1(2)" in rank1, "rank 1 ran on the second node"
     # One node, one rank: the same global batch is twice the accumulation.
     assert main(["submit", str(config), *overrides, "cpt.resources.nodes=1", "cpt.resources.tasks_per_node=1",
                  "cpt.engine.grad_accum=4"]) == 0
     entry = wait_finished(run, "cpt", timeout=600)
     assert entry["status"] == "completed", entry
+    assert (run.path / "cpt" / "export" / "COMPLETE").exists()
     (found,) = report("2 nodes -> 1 node", run.path)
     assert found["lost"] == 0
     ref, got = cpt_reference.losses, losses(run.path, "cpt")

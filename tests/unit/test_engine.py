@@ -64,3 +64,45 @@ def test_a_zero3_model_is_partitioned_as_it_is_built(tmp_path: Path) -> None:
     assert all(numel > 0 and ds is None for numel, ds in shapes["2"])
     assert all(numel == 0 and ds > 0 for numel, ds in shapes["3"])
     assert [ds for _, ds in shapes["3"]] == [numel for numel, _ in shapes["2"]]
+
+
+def _clipped_steps(rank: int, port: int, model_dir: Path, out: Path) -> None:
+    """One optimizer step of the same model on the same batch, unclipped and clipped far below the gradient's norm:
+    the norm each engine records, the norm computed by hand, and how far each step moved the weights."""
+    with one_rank_group(port):
+        from training.engine import build_engine, load_model
+
+        reference = load_model(str(model_dir), "fp32", dropout=0.0)
+        ids = (torch.arange(64).reshape(2, 32) * 31 % reference.config.vocab_size).long()
+        reference(input_ids=ids, labels=ids).loss.backward()
+        by_hand = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in reference.parameters()])).item()
+        results: dict[str, dict[str, float]] = {}
+        for clip in (0.0, 1e-9):
+            # weight decay off: only the gradient moves the weights
+            cfg = load_run_config(None, [f"cpt.model.path={model_dir}", f"cpt.optim.grad_clip={clip}",
+                                         "cpt.optim.weight_decay=0", "cpt.optim.lr=1e-2"]).cpt
+            engine = build_engine(cfg, load_model(str(model_dir), "fp32", dropout=0.0), on_gpu=False)
+            before = [p.detach().clone() for p in engine.module.parameters()]
+            engine.backward(engine(input_ids=ids, labels=ids).loss)
+            engine.step()
+            moved = max((p.detach() - b).abs().max().item() for p, b in zip(engine.module.parameters(), before,
+                                                                             strict=True))
+            results[str(clip)] = {"recorded_norm": float(engine.get_global_grad_norm()), "moved": moved}
+        out.write_text(json.dumps({"by_hand": by_hand, **results}))
+
+
+@pytest.mark.timeout(120)
+def test_gradient_clipping_bounds_the_step_and_the_recorded_norm_is_the_gradients(tmp_path: Path) -> None:
+    tokenizer = train_bpe_tokenizer(["the miller's tale of a mill and its miller"] * 20, 300, tmp_path / "tok")
+    model_dir = build_tiny_llama(tokenizer, tmp_path / "tiny", hidden=32, layers=1)
+    out = tmp_path / "clip.json"
+    mp.spawn(_clipped_steps, args=(free_port(), model_dir, out), nprocs=1, join=True)  # its own process group
+    got = json.loads(out.read_text())
+    # The train line's grad_norm is the gradient's norm before clipping, whatever the clip.
+    for clip in ("0.0", "1e-09"):
+        assert got[clip]["recorded_norm"] == pytest.approx(got["by_hand"], rel=1e-4), clip
+    assert got["by_hand"] > 1e-3  # so 1e-9 clips it by six orders of magnitude
+    # AdamW's first step moves each weight by lr x g / (|g| + eps): about lr unclipped. Clipped to a norm of 1e-9,
+    # every |g| is far below eps (1e-8), and the step shrinks with it.
+    assert got["0.0"]["moved"] == pytest.approx(1e-2, rel=0.05)
+    assert got["1e-09"]["moved"] < 1e-3

@@ -202,8 +202,9 @@ def test_a_missing_or_empty_validation_folder_is_refused(world: World) -> None:
 
 @pytest.mark.parametrize(("weights", "tokenizer_json", "says"), [
     (False, True, "no weights (*.safetensors, pytorch_model*.bin or their *.index.json)"),
-    (True, False, "no tokenizer.json"),
-    (False, False, "no weights (*.safetensors, pytorch_model*.bin or their *.index.json), no tokenizer.json"),
+    (True, False, "no tokenizer.json or SentencePiece tokenizer.model"),
+    (False, False, "no weights (*.safetensors, pytorch_model*.bin or their *.index.json), "
+                   "no tokenizer.json or SentencePiece tokenizer.model"),
 ])
 def test_model_folders_need_config_weights_and_tokenizer(world: World, weights: bool, tokenizer_json: bool,
                                                          says: str) -> None:

@@ -81,6 +81,10 @@ def test_tokenizer_loading_errors_are_one_line(tmp_path: Path) -> None:
     (tmp_path / "bad" / "tokenizer.json").write_text("{not json")
     with pytest.raises(TokenizerError, match="unreadable"):
         load_tokenizer(str(tmp_path / "bad"))
+    (tmp_path / "bad-sp").mkdir()  # no tokenizer.json, a SentencePiece model that is not one
+    (tmp_path / "bad-sp" / "tokenizer.model").write_bytes(b"\x00not a protobuf" * 10)
+    with pytest.raises(TokenizerError, match="tokenizer.model is not a readable SentencePiece model"):
+        load_tokenizer(str(tmp_path / "bad-sp"))
     path = train_bpe_tokenizer(TEXT, 300, tmp_path / "tok")
     tokenizer, info = load_tokenizer(str(path.parent))
     assert info.eos_id == tokenizer.token_to_id("<|endoftext|>") and len(info.sha256) == 64
