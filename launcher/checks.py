@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from common.missing import MissingInput
 from launcher.layout import RunLayout
 from launcher.run_config import RunConfig
 
@@ -27,14 +28,15 @@ def made_earlier(cfg: RunConfig, stage: str, path: str | Path) -> str | None:
 
 
 def not_made(cfg: RunConfig, stage: str, key: str, path: str | Path, what: str) -> ValueError:
-    """`key` names a folder that is missing or incomplete; for this run's own output, say which stage makes it."""
+    """`key` names a folder that is missing or incomplete (MissingInput); for this run's own output, which no stage
+    listed before `stage` makes, a config error saying which stage makes it."""
     layout = preflight_layout(cfg)
     makers = {layout.stage("shard").resolve(): "shard", layout.export("cpt").resolve(): "cpt",
               layout.stage("teacher_logits").resolve(): "teacher_logits"}
     if maker := makers.get(Path(path).resolve()):
         return ValueError(f"{key} is this run's {maker} output {path}, which is not there yet and no earlier stage "
                           f"makes: add '{maker}' to run.stages before '{stage}', or set {key.split(' ')[0]}")
-    return ValueError(f"{key} '{path}' {what}")
+    return MissingInput(f"{key} '{path}' {what}")
 
 
 def has_tokenizer(folder: str | Path) -> bool:

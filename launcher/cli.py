@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 import time
@@ -12,9 +13,9 @@ from pathlib import Path
 from rich.console import Console
 from rich.markup import escape
 
-from launcher.config import ConfigError, config_hash, dump_toml, field_docs, to_plain
+from launcher.config import ConfigError, config_hash, docs_rows, dump_toml, field_docs, render_docs
 from launcher.run_config import RunConfig, load_run_config
-from launcher.rundir import RunDir, RunDirError, flatten, free_run_name
+from launcher.rundir import RunDir, RunDirError, free_run_name
 from launcher.status import cancel, log_files, refresh, status_table
 from slurm.executor import SubmissionError, make_executor
 from training.stop import REQUEUE_EXIT_CODE
@@ -100,6 +101,7 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("config", type=Path, help="TOML run config")
         p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides, e.g. probe.steps=3")
         p.add_argument("--dry-run", action="store_true", help="print what would be submitted, submit nothing")
+        p.add_argument("--show-config", action="store_true", help="print the whole resolved config first")
         p.add_argument("--new-run", action="store_true",
                        help="if run.name's directory holds a different config, start <name>-2 (-3, ...) instead")
     p = command("shard", "Run only the shard stage, here: clean, deduplicate, tokenize and pack the corpora "
@@ -107,6 +109,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("config", type=Path, help="TOML run config with a [shard] section")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides, e.g. shard.tasks=8")
     p.add_argument("--dry-run", action="store_true", help="print what would be run, run nothing")
+    p.add_argument("--show-config", action="store_true", help="print the whole resolved config first")
     p = command("inspect", "Summarise a shard folder: manifest, documents kept and dropped, tokens.")
     p.add_argument("folder", type=Path, help="a shard stage's output folder (holds manifest.json)")
     p.add_argument("--verify", action="store_true",
@@ -150,12 +153,20 @@ def _parser() -> argparse.ArgumentParser:
     p = command("config", "Print the resolved config (defaults <- file <- overrides), or every key's doc.")
     p.add_argument("config", type=Path, nargs="?", help="TOML run config (default: only defaults)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides, e.g. probe.steps=3")
-    p.add_argument("--docs", action="store_true", help="list every key with its default and meaning")
+    p.add_argument("--docs", action="store_true", help="list every key with its type, value and meaning")
+    p.add_argument("--format", choices=("plain", "table", "markdown"), default="plain",
+                   help="for --docs: plain (a key a line, its meaning below; any width), table or markdown")
     return parser
 
 
-def _show_config(console: Console, cfg: RunConfig) -> None:
-    console.print(f"[bold]resolved config[/] (sha256 {config_hash(cfg)[:16]})")
+def _show_config(console: Console, cfg: RunConfig, args: argparse.Namespace) -> None:
+    """One line: the config file, the overrides and the resolved config's hash; whole with --show-config (it is
+    also saved as the run directory's config.toml, and `stillroom config` prints it)."""
+    overrides = " ".join(args.overrides) or "no overrides"
+    console.print(f"[bold]config[/] {escape(str(args.config))} + {escape(overrides)} -> sha256 "
+                  f"{config_hash(cfg)[:16]} (whole: --show-config, or {cfg.run_dir / 'config.toml'})")
+    if not args.show_config:
+        return
     if console.color_system is None:  # a pipe or a log file: whole lines, and no time spent on colours nobody sees
         console.out(dump_toml(cfg), highlight=False)
         return
@@ -174,15 +185,20 @@ def _launch(args: argparse.Namespace, console: Console) -> int:
         cfg = load_run_config(args.config, [*args.overrides, *only, f"run.name={free_run_name(cfg)}"])
     kind = "slurm" if args.command == "submit" else cfg.run.executor
     executor = make_executor(kind)
-    _show_config(console, cfg)
-    preflight(cfg)
+    _show_config(console, cfg, args)
+    warnings = preflight(cfg, missing_ok=args.dry_run)
     if args.dry_run:
+        for warning in warnings:
+            console.print(f"[yellow]warning[/]: {escape(warning)} (the jobs fail unless it is there when they start)")
         run = RunDir(cfg.run_dir.resolve())
+        before: tuple[str, ...] = ()  # the step each job waits for (afterok): its job id once submitted
         for stage in cfg.run.stages:
             for step in STAGES[stage].steps:
-                console.rule(f"{stage}.{step.name} ({kind})")
+                label = stage if step.name == stage else f"{stage}.{step.name}"
+                console.rule(f"{label} ({kind})")
                 # Dry-run text goes to stdout unstyled, so it can be saved and diffed as a script.
-                print(executor.render(job_spec(cfg, run, stage, step)), flush=True)
+                print(executor.render(job_spec(cfg, run, stage, step, after=before)), flush=True)
+                before = (f"<{label}>",)
         return 0
     run = RunDir.create(cfg)
     console.print(f"run directory: {run.path}")
@@ -296,13 +312,18 @@ def _config(args: argparse.Namespace, console: Console) -> int:
     if not args.docs:
         print(dump_toml(cfg, field_docs(RunConfig)), end="")
         return 0
-    from rich.table import Table
+    if args.format == "table":
+        from rich.table import Table
 
-    table = Table("key", "value", "meaning")
-    values = flatten(to_plain(cfg))
-    for key, doc in field_docs(RunConfig).items():
-        table.add_row(key, json.dumps(values[key]) if key in values else "", doc)
-    console.print(table)
+        table = Table("key", "type = value", "meaning")
+        table.columns[0].no_wrap = True  # a key is what one types: never cut or folded
+        for key, type_name, value, doc in docs_rows(cfg):
+            table.add_row(key, f"{type_name} = {value}", doc)
+        console.print(table)
+    else:
+        import shutil
+
+        print(render_docs(cfg, args.format, max(40, min(shutil.get_terminal_size().columns, 100))), end="")
     return 0
 
 
@@ -327,8 +348,21 @@ def _input_errors() -> tuple[type[BaseException], ...]:
     return ConfigError, RunDirError, SubmissionError, KeyError, *_loaded(_LAZY_INPUT_ERRORS)
 
 
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    """The command line, overrides accepted anywhere after the command (`submit CONFIG --dry-run a.b=c` as well as
+    `submit CONFIG a.b=c --dry-run`): argparse takes positionals only before the first option, so KEY=VALUE words
+    it leaves over join the overrides, in the order given. Any other leftover is an error, as before."""
+    parser = _parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest:
+        if not hasattr(args, "overrides") or any(w.startswith("-") or "=" not in w for w in rest):
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        args.overrides = [*args.overrides, *rest]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parse(argv)
     console = Console(stderr=getattr(args, "dry_run", False), highlight=False)
     handlers = {"run": _launch, "submit": _launch, "shard": _launch, "inspect": _inspect, "corpus": _corpus,
                 "tiny-model": _tiny_model,
@@ -348,6 +382,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("stillroom: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `stillroom config --docs | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

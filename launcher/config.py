@@ -39,6 +39,8 @@ def _module_docs(filename: str) -> dict[str, dict[str, str]]:
         for tok in tokenize.generate_tokens(io.StringIO(source).readline)
         if tok.type == tokenize.COMMENT
     }
+    lines = source.splitlines()
+    standalone = {n for n in comments if lines[n - 1].lstrip().startswith("#")}
     out: dict[str, dict[str, str]] = {}
     for class_def in ast.parse(source).body:
         if not isinstance(class_def, ast.ClassDef):
@@ -51,7 +53,15 @@ def _module_docs(filename: str) -> dict[str, dict[str, str]]:
                 while line in comments:
                     above.insert(0, comments[line])
                     line -= 1
-                docs[node.target.id] = comments.get(node.end_lineno or node.lineno) or " ".join(above)
+                end = node.end_lineno or node.lineno
+                if end in comments:  # a comment beside the field, continued on comment lines right below it
+                    beside, line = [comments[end]], end + 1
+                    while line in standalone:
+                        beside.append(comments[line])
+                        line += 1
+                    docs[node.target.id] = " ".join(beside)
+                else:
+                    docs[node.target.id] = " ".join(above)
     return out
 
 
@@ -77,6 +87,20 @@ def field_docs(cls: type, prefix: str = "") -> dict[str, str]:
         if dataclasses.is_dataclass(hints[f.name]):
             docs.update(field_docs(hints[f.name], key + "."))
     return docs
+
+
+def field_types(cls: type, prefix: str = "") -> dict[str, str]:
+    """Flattened `{"section.key": type name}` for a config class's values (sections themselves left out), as
+    `stillroom config --docs` shows them: "int", "list of str", "'cosine' | 'wsd'", ..."""
+    types_: dict[str, str] = {}
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            types_.update(field_types(hints[f.name], f"{prefix}{f.name}."))
+        else:
+            own = f" or {f.metadata.get('notation', 'text')}" if "text" in f.metadata else ""
+            types_[f"{prefix}{f.name}"] = _type_name(hints[f.name]) + own
+    return types_
 
 
 def _type_name(tp: Any) -> str:
@@ -118,9 +142,11 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
             return value
         raise wrong()
     if origin is tuple:
+        (item_tp, *_rest) = get_args(tp)
+        if isinstance(value, str) and _is_text(item_tp):  # one item given as itself, e.g. inputs = "data/*.jsonl"
+            value = [value]
         if not isinstance(value, list | tuple):
             raise wrong()
-        (item_tp, *_rest) = get_args(tp)
         return tuple(_coerce(v, item_tp, f"{key}[{i}]", source) for i, v in enumerate(value))
     if origin is dict:
         if not isinstance(value, Mapping):
@@ -157,21 +183,35 @@ def _unknown_key(cls: type, key: str, prefix: str, source: str) -> ConfigError:
     return ConfigError(f"{source}: unknown key '{prefix}{key}'{hint}")
 
 
+def _from_text(field: dataclasses.Field[Any] | None, value: Any, key: str, source: str) -> Any:
+    """A field may read text in a notation of its own (metadata "text": a parser, e.g. Slurm's "04:00:00" for
+    minutes; "notation": its name for the docs): `value` parsed by it when it is text, else as it is."""
+    parse = field.metadata.get("text") if field is not None else None
+    if parse is None or not isinstance(value, str):
+        return value
+    try:
+        return parse(value)
+    except ValueError as e:
+        raise ConfigError(f"{source}: {key}: {e}") from None
+
+
 def _build(cls: type[T], data: Mapping[str, Any], source: str, prefix: str = "") -> T:
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     for key in data:
-        if key not in names:
+        if key not in fields:
             raise _unknown_key(cls, key, prefix, source)
-    kwargs = {key: _coerce(value, hints[key], prefix + key, source) for key, value in data.items()}
+    kwargs = {key: _coerce(_from_text(fields[key], value, prefix + key, source), hints[key], prefix + key, source)
+              for key, value in data.items()}
     try:
         return cls(**kwargs)
     except ValueError as e:  # a component's own check in __post_init__ names the bare field
         raise ConfigError(f"{source}: {prefix}{e}") from None
 
 
-def _field_type(cls: type, dotted: str, source: str) -> Any:
-    """The annotation of a dotted key, raising the same unknown-key error as loading."""
+def _field_type(cls: type, dotted: str, source: str) -> tuple[Any, dataclasses.Field[Any] | None]:
+    """The annotation of a dotted key and its field (None inside a free-form table), raising the same
+    unknown-key error as loading."""
     tp: Any = cls
     parts = dotted.split(".")
     for i, part in enumerate(parts):
@@ -180,11 +220,12 @@ def _field_type(cls: type, dotted: str, source: str) -> Any:
         hints = typing.get_type_hints(tp)
         if part not in hints:
             raise _unknown_key(typing.cast(type, tp), part, ".".join(parts[:i]) + ("." if i else ""), source)
+        field = {f.name: f for f in dataclasses.fields(tp)}[part]
         tp = hints[part]
         if i == len(parts) - 1:
-            return tp
+            return tp, field
     if get_origin(tp) is dict:  # free-form tables such as extra sbatch parameters
-        return get_args(tp)[1]
+        return get_args(tp)[1], None
     raise ConfigError(f"{source}: '{dotted}' goes inside a value that is not a section")
 
 
@@ -198,22 +239,31 @@ def _is_text(tp: Any) -> bool:
     return False
 
 
+def _is_text_list(tp: Any) -> bool:
+    return get_origin(tp) is tuple and _is_text(get_args(tp)[0])
+
+
 def parse_override(cls: type, text: str) -> tuple[list[str], Any]:
-    """`a.b=c` -> (["a", "b"], typed value). Text fields take the raw text; others parse as TOML."""
+    """`a.b=c` -> (["a", "b"], typed value). Text fields take the raw text, and so do list-of-text fields for one
+    item (`shard.inputs=data/*.jsonl`) and fields with a notation of their own (`time_min=04:00:00`); others
+    parse as TOML."""
     source = f"override '{text}'"
     key, sep, raw = text.partition("=")
     key = key.strip()
     if not sep or not key or any(not p for p in key.split(".")):
         raise ConfigError(f"{source}: expected KEY=VALUE with a dotted key, e.g. resources.nodes=2")
-    tp = _field_type(cls, key, source)
-    if _is_text(tp) and not raw.startswith(('"', "'")):
+    tp, field = _field_type(cls, key, source)
+    own_notation = field is not None and "text" in field.metadata
+    if (_is_text(tp) or own_notation) and not raw.startswith(('"', "'")):
         value: Any = raw
+    elif _is_text_list(tp) and not raw.lstrip().startswith(("[", '"', "'")):
+        value = [raw]
     else:
         try:
             value = tomllib.loads(f"v = {raw}")["v"]
         except tomllib.TOMLDecodeError:
             raise ConfigError(f"{source}: {key} must be {_type_name(tp)}, got {raw!r}") from None
-    return key.split("."), _coerce(value, tp, key, source)
+    return key.split("."), _coerce(_from_text(field, value, key, source), tp, key, source)
 
 
 def _set_nested(data: dict[str, Any], path: list[str], value: Any) -> None:
@@ -309,3 +359,39 @@ def _section_keys(cls: type, prefix: str = "") -> set[str]:
             keys.add(prefix + f.name)
             keys |= _section_keys(hints[f.name], f"{prefix}{f.name}.")
     return keys
+
+
+def docs_rows(cfg: Any) -> list[tuple[str, str, str, str]]:
+    """(key, type, value as TOML/JSON text, meaning) for every value of a resolved config, in declaration order."""
+    values, types_ = _flat(to_plain(cfg)), field_types(type(cfg))
+    return [(key, types_[key], json.dumps(values[key]), doc) for key, doc in field_docs(type(cfg)).items()
+            if key in types_]
+
+
+def _flat(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Every dotted key of a nested mapping with its value, tables included as themselves."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        out[f"{prefix}{key}"] = value
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+    return out
+
+
+def render_docs(cfg: Any, fmt: str, width: int) -> str:
+    """`stillroom config --docs` as text: "plain" (a key, its value and type a line, its meaning wrapped below, to
+    `width` columns) or "markdown" (a table)."""
+    import textwrap
+
+    rows, out = docs_rows(cfg), []
+    if fmt == "markdown":
+        out.append("| key | type | value | meaning |\n|---|---|---|---|")
+        out += ["| " + " | ".join(f"`{c}`" if i in (0, 2) else c.replace("|", "\\|") for i, c in enumerate(row))
+                + " |" for row in rows]
+    else:
+        for key, type_name, value, doc in rows:
+            out.append(textwrap.fill(f"{key} = {value}  ({type_name})", width, subsequent_indent=" " * 8,
+                                     break_long_words=False, break_on_hyphens=False))
+            if doc:
+                out.append(textwrap.fill(doc, width, initial_indent="    ", subsequent_indent="    "))
+    return "\n".join(out) + "\n"

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
 from submitit.core.utils import FailedJobError, UncompletedJobError
 
+from common.missing import MissingInput
 from launcher.run_config import RunConfig
 from launcher.rundir import RunDir, now_iso
 from launcher.stages import STAGES, StageTask, Step
+from launcher.status import progress_line
 from slurm.executor import (
     NEVER_SATISFIED,
     TERMINAL_STATES,
@@ -98,9 +101,13 @@ def _cancel_confirmed(executor: Executor, job_ids: list[str]) -> None:
                           "ended")
 
 
-def preflight(cfg: RunConfig) -> None:
+def preflight(cfg: RunConfig, missing_ok: bool = False) -> list[str]:
     """Every stage's own input checks, so a typo fails now and not hours later in the queue: stages in pipeline
-    order, and each reading only what exists or what a stage before it in this run makes."""
+    order, and each reading only what exists or what a stage before it in this run makes.
+
+    With `missing_ok` (a dry run), a stage whose data is not there yet (MissingInput) is a warning, returned as
+    one line per stage; that stage's checks after the missing path are not made. Anything else still fails."""
+    warnings: list[str] = []
     order = [s for s in STAGES if s != "probe"]  # each reads what the ones before it write; probe reads nothing
     listed = [s for s in cfg.run.stages if s != "probe"]
     for before, after in zip(listed, listed[1:], strict=False):
@@ -110,8 +117,13 @@ def preflight(cfg: RunConfig) -> None:
     for stage in cfg.run.stages:
         try:
             STAGES[stage].preflight(cfg)
+        except MissingInput as e:
+            if not missing_ok:
+                raise PreflightError(f"{stage}: {e}") from None
+            warnings.append(f"{stage}: {e}")
         except ValueError as e:
             raise PreflightError(f"{stage}: {e}") from None
+    return warnings
 
 
 def launch(cfg: RunConfig, run: RunDir, executor: Executor, *, wait: bool, console: Console,
@@ -192,22 +204,58 @@ def _submit_steps(cfg: RunConfig, run: RunDir, executor: Executor, stage: str, s
     return jobs, after
 
 
-def _wait(run: RunDir, stage: str, jobs: list[Any], console: Console, command: str) -> None:
-    with console.status(f"{stage}: running {len(jobs)} job(s); logs in {run.log_dir(stage)}"):
-        for job in jobs:
+PROGRESS_POLL_S = 2.0  # how often a waiting `stillroom run` reads the stage's progress file
+PROGRESS_LINE_S = 30.0  # and, writing to a pipe or a log rather than a terminal, how often it prints a line
+DONE_POLL_S = 0.1  # how often it asks whether the jobs have ended (a local job: a process poll)
+
+
+def _all_done(jobs: list[Any]) -> bool:
+    """Whether every job has ended, as far as submitit can tell now; on doubt (the scheduler does not answer) True,
+    so that `_wait` goes on to `results()`, which waits however long it takes and raises what went wrong."""
+    try:
+        return all(job.done() for job in jobs)
+    except Exception:  # noqa: BLE001 (only the display depends on it)
+        return True
+
+
+def _watch(run: RunDir, stage: str, jobs: list[Any], console: Console) -> None:
+    """Until every job has ended: the stage's progress (what its tasks write to progress.json for `stillroom
+    status`) as the spinner's text on a terminal, else as a line every PROGRESS_LINE_S when it changed."""
+    idle = f"{stage}: running {len(jobs)} job(s); logs in {run.log_dir(stage)}"
+    printed, last_line, last_read = "", 0.0, 0.0
+    with console.status(idle) as spinner:
+        while not _all_done(jobs):
+            time.sleep(DONE_POLL_S)
+            if time.monotonic() - last_read < PROGRESS_POLL_S:
+                continue
+            last_read = time.monotonic()
             try:
-                job.results()
-            except (FailedJobError, UncompletedJobError) as e:
-                entry = run.read_state()["stages"][stage]
-                if entry["status"] == "stopped":
-                    raise StageStopped(_stopped(run, stage, command)) from None
-                # The failing task records its own error; a job killed from outside cannot.
-                error = entry.get("error") if entry["status"] == "failed" else None
-                if error is None:
-                    error = error_line(str(e)) or type(e).__name__
-                    run.update_stage(stage, status="failed", error=error, finished_at=now_iso())
-                raise StageFailed(f"stage {stage!r} failed in job {job.job_id}: {error} "
-                                  f"(full log: stillroom logs {run.path} {stage})") from None
+                line = progress_line(json.loads(run.layout.progress(stage).read_text()))
+            except (OSError, ValueError):  # not written yet, or being replaced
+                continue
+            if line and console.is_terminal:
+                spinner.update(f"{stage}: {line}")
+            elif line and line != printed and last_read - last_line >= PROGRESS_LINE_S:
+                console.print(f"[dim]{stage}[/]: {escape(line)}")
+                printed, last_line = line, last_read
+
+
+def _wait(run: RunDir, stage: str, jobs: list[Any], console: Console, command: str) -> None:
+    _watch(run, stage, jobs, console)
+    for job in jobs:
+        try:
+            job.results()
+        except (FailedJobError, UncompletedJobError) as e:
+            entry = run.read_state()["stages"][stage]
+            if entry["status"] == "stopped":
+                raise StageStopped(_stopped(run, stage, command)) from None
+            # The failing task records its own error; a job killed from outside cannot.
+            error = entry.get("error") if entry["status"] == "failed" else None
+            if error is None:
+                error = error_line(str(e)) or type(e).__name__
+                run.update_stage(stage, status="failed", error=error, finished_at=now_iso())
+            raise StageFailed(f"stage {stage!r} failed in job {job.job_id}: {error} "
+                              f"(full log: stillroom logs {run.path} {stage})") from None
 
 
 def _stopped(run: RunDir, stage: str, command: str) -> str:

@@ -69,6 +69,23 @@ def _progress_cells(p: dict[str, Any] | None, running: bool) -> list[str]:
     return [f"{p.get('step', 0)}/{p.get('total_steps', '?')}", f"{p.get('tokens', 0):,}", loss, ppl, eta, alarm]
 
 
+def progress_line(p: dict[str, Any] | None) -> str:
+    """A training stage's latest numbers in one line ("" before its first): step/total, loss, tokens/s, ETA."""
+    if not p or "step" not in p:
+        return ""
+    parts = [f"step {p['step']}/{p.get('total_steps', '?')}"]
+    if isinstance(p.get("loss"), float):
+        parts.append(f"loss {p['loss']:.4f}")
+    if isinstance(p.get("tokens_per_s"), (int, float)):
+        parts.append(f"{p['tokens_per_s']:,.0f} tok/s")
+    if isinstance(p.get("eta_s"), (int, float)):
+        age = time.time() - p.get("updated", time.time())
+        parts.append(f"ETA {max(p['eta_s'] - age, 0) / 60:.1f} min")
+    if p.get("last_event") in ("eval", "checkpoint", "stop"):
+        parts.append(f"last: {p['last_event']}")
+    return ", ".join(parts)
+
+
 def status_table(run: RunDir, state: dict[str, Any]) -> Table:
     table = Table(title=f"run {state['run']}  ({run.path})", title_justify="left")
     for column in ("stage", "status", "jobs", "scheduler", "tasks done", "requeues", "step", "tokens", "loss",

@@ -159,7 +159,7 @@ class DedupConfig:
 @dataclass(frozen=True)
 class ShardConfig:
     resources: Resources = field(default_factory=Resources)  # per array element and for the reduce job
-    inputs: tuple[str, ...] = ()  # files, folders or globs of .jsonl, .jsonl.zst, .parquet or plain text
+    inputs: tuple[str, ...] = ()  # files, folders or globs of .jsonl, .jsonl.zst, .jsonl.gz, .parquet or plain text
     tokenizer: str = ""  # a local tokenizer.json, or a folder with one or with a SentencePiece tokenizer.model
     eos_token: str = ""  # token between documents ("": the tokenizer's <|endoftext|>, </s> or <eos>)
     seq_len: int = 2048  # tokens per packed sequence

@@ -1,6 +1,7 @@
 """Input files -> `Doc` records, streaming, with every bad record counted under a named reason.
 
-Formats, chosen by the file name: `*.jsonl` and `*.jsonl.zst` (one JSON object per line),
+Formats, chosen by the file name: `*.jsonl`, `*.jsonl.zst`, `*.jsonl.gz` and `*.json.gz` (one JSON object per line;
+C4 and others call gzipped JSON Lines `.json.gz`; a plain `.json` file is refused, being most often one array),
 `*.parquet`, and anything else is plain UTF-8 text holding one document (record 0). A folder
 stands for the `*.jsonl`, `*.jsonl.zst`, `*.parquet`, `*.txt`, `*.md` and `*.rst` files below it
 (hidden ones skipped); other plain-text names must be given as a file or a glob.
@@ -31,13 +32,14 @@ from typing import Any, BinaryIO
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from common.missing import MissingInput
+from sharding.compressed import GzipRaw, Truncated, ZstdRaw
 from sharding.config import ReaderConfig
 from sharding.documents import Doc, Tally
-from sharding.zstd_stream import Truncated, ZstdRaw
 
 READ_REASONS = ("read.malformed_json", "read.not_an_object", "read.invalid_utf8", "read.nul_bytes", "read.too_long",
                 "read.missing_text", "read.empty_text", "read.truncated", "read.unreadable")
-FOLDER_SUFFIXES = (".jsonl", ".jsonl.zst", ".parquet", ".txt", ".md", ".rst")
+FOLDER_SUFFIXES = (".jsonl", ".jsonl.zst", ".jsonl.gz", ".json.gz", ".parquet", ".txt", ".md", ".rst")
 # Compressed inputs we cannot read: reading them as plain text would drop them one by one instead of failing early.
 UNSUPPORTED_SUFFIXES = (".gz", ".bz2", ".xz", ".zip", ".zst", ".lz4", ".7z", ".tar")
 _SKIP_CHUNK = 1 << 16  # bytes read at a time while skipping the rest of an over-long line
@@ -46,6 +48,10 @@ _PARQUET_BATCH = 256  # rows per Parquet batch
 
 class InputError(ValueError):
     """The inputs cannot be used as given: one line, raised before any work starts."""
+
+
+class InputMissing(InputError, MissingInput):
+    """An input pattern that names or matches nothing."""
 
 
 @dataclass(frozen=True)
@@ -74,7 +80,9 @@ def splittable(path: str | Path) -> bool:
 
 def _kind(path: Path) -> str:
     name = path.name.lower()
-    return next((kind for kind in ("jsonl.zst", "jsonl", "parquet") if name.endswith("." + kind)), "text")
+    if name.endswith(".json.gz"):
+        return "jsonl.gz"
+    return next((kind for kind in ("jsonl.zst", "jsonl.gz", "jsonl", "parquet") if name.endswith("." + kind)), "text")
 
 
 def _in_folder(folder: Path) -> list[Path]:
@@ -96,7 +104,7 @@ def expand_inputs(patterns: Sequence[str]) -> list[Path]:
         if glob.has_magic(expanded):
             matches = [Path(m) for m in glob.glob(expanded, recursive=True)]
             if not matches:
-                raise InputError(f"input '{pattern}' matches no file")
+                raise InputMissing(f"input '{pattern}' matches no file")
             # The same glob with a trailing separator matches only folders, told apart by the directory listing:
             # no stat per match, which every map element would otherwise pay for every input file.
             folders = {Path(m) for m in glob.glob(os.path.join(expanded, ""), recursive=True)}
@@ -104,15 +112,18 @@ def expand_inputs(patterns: Sequence[str]) -> list[Path]:
             matches = [Path(expanded)]
             folders = {Path(expanded)} if os.path.isdir(expanded) else set()
         else:
-            raise InputError(f"input '{pattern}' does not exist")
+            raise InputMissing(f"input '{pattern}' does not exist")
         found = [f for m in matches for f in (_in_folder(m) if m in folders else [m])]
         if not found:
-            raise InputError(f"input '{pattern}' matches no file (folders are searched for "
+            raise InputMissing(f"input '{pattern}' matches no file (folders are searched for "
                              f"{', '.join('*' + s for s in FOLDER_SUFFIXES)})")
         for f in found:
             if _kind(f) == "text" and f.name.lower().endswith(UNSUPPORTED_SUFFIXES):
                 raise InputError(f"input '{f}' is compressed in a format the reader does not know; "
-                                 "use .jsonl, .jsonl.zst, .parquet or plain text")
+                                 "use .jsonl, .jsonl.zst, .jsonl.gz, .parquet or plain text")
+            if f.name.lower().endswith(".json"):  # read as plain text it would be one document of JSON syntax
+                raise InputError(f"input '{f}' is a .json file: give JSON Lines (one object per line) named .jsonl; "
+                                 f"a JSON array converts with: jq -c '.[]' {f.name} > {f.stem}.jsonl")
         paths.update(Path(os.path.abspath(f)) for f in found)
     return sorted(paths)
 
@@ -136,7 +147,8 @@ def _lines(path: Path, limit: int, tally: Tally, piece: Piece = WHOLE) -> Iterat
     """
     split = piece.split
     with open(path, "rb") as raw:
-        zst = ZstdRaw(raw) if _kind(path) == "jsonl.zst" else None
+        kind = _kind(path)
+        zst = ZstdRaw(raw) if kind == "jsonl.zst" else GzipRaw(raw) if kind == "jsonl.gz" else None
         stream: BinaryIO = io.BufferedReader(zst, 1 << 16) if zst else raw  # type: ignore[assignment]
         pos = _next_line_start(raw, piece.start) if split and piece.start else 0
         stop = piece.stop if split else None
@@ -161,13 +173,13 @@ def _lines(path: Path, limit: int, tally: Tally, piece: Piece = WHOLE) -> Iterat
                 records += 1
                 yield record, line, not line.endswith(b"\n")
         except Truncated as e:
-            if e.corrupt and zst is not None and zst.produced == 0:  # not zstd at all
+            if e.corrupt and zst is not None and zst.produced == 0:  # not zstd (or gzip) at all
                 tally.files["unreadable"] += 1
                 _warn(path, f"unreadable, skipped: {_brief(e)}")
                 return
             records += 1
             tally.docs_in += 1
-            tally.files["truncated_zst"] += 1
+            tally.files["truncated_zst" if kind == "jsonl.zst" else "truncated_gz"] += 1
             tally.drop("read.truncated", f"{path}:{number + 2}", _brief(e))
     if records == 0 and not split:  # a piece can hold no line start; the file itself is not empty
         tally.files["empty"] += 1

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 from tokenizers import Tokenizer
 
+from common.missing import MissingInput
 from sharding.shards import as_token_ids
 
 # Tried in order when no EOS token is configured: GPT-2/SmolLM style, Llama/T5 style, Gemma style.
@@ -19,6 +20,10 @@ EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>")
 
 class TokenizerError(ValueError):
     """The tokenizer cannot be used; one line saying why."""
+
+
+class TokenizerMissing(TokenizerError, MissingInput):
+    """No tokenizer file where one was named."""
 
 
 @dataclass(frozen=True)
@@ -42,7 +47,7 @@ def resolve_tokenizer_file(path: str) -> Path:
             return (candidate / SENTENCEPIECE).resolve()
         candidate = candidate / "tokenizer.json"
     if not path or not candidate.is_file():
-        raise TokenizerError(f"tokenizer '{path}' not found: give a tokenizer.json, or a folder holding one or a "
+        raise TokenizerMissing(f"tokenizer '{path}' not found: give a tokenizer.json, or a folder holding one or a "
                              f"SentencePiece {SENTENCEPIECE} (stillroom never downloads tokenizers)")
     return candidate.resolve()
 

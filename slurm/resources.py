@@ -35,10 +35,33 @@ MANAGED_SBATCH = {
     **{name: "stillroom sets it" for name in ("dependency", "array", "output", "error", "requeue", "no-requeue",
                                               "job-name", "open-mode", "wckey")},
 }
+MANAGED_SBATCH["gres"] = "use resources.gres"
 # sbatch's one-letter spellings of the options above.
 _ALIASES = {"t": "time", "J": "job-name", "o": "output", "e": "error", "a": "array", "d": "dependency",
             "N": "nodes", "n": "ntasks-per-node", "c": "cpus-per-task", "p": "partition", "A": "account",
             "q": "qos", "C": "constraint"}
+
+
+# Slurm's time formats (sbatch --time): minutes, minutes:seconds, hours:minutes:seconds, days-hours,
+# days-hours:minutes, days-hours:minutes:seconds.
+_SLURM_TIME = re.compile(r"^(?:(\d+)-(\d+)(?::(\d+)(?::(\d+))?)?|(\d+)(?::(\d+)(?::(\d+))?)?)$")
+
+
+def slurm_minutes(text: str) -> int:
+    """Minutes in a time limit written as Slurm writes it ("240", "04:00:00", "1-12", "2-00:30:00"), seconds rounded
+    up to the next minute as Slurm does."""
+    match = _SLURM_TIME.match(text.strip())
+    if not match:
+        raise ValueError(f"{text!r} is not a time limit: give minutes (240) or Slurm's MM:SS, HH:MM:SS, D-HH, "
+                         "D-HH:MM or D-HH:MM:SS")
+    days, d_hours, d_minutes, d_seconds, first, second, third = (int(g) if g else 0 for g in match.groups())
+    if match.group(1) is not None:  # days-hours[:minutes[:seconds]]
+        seconds = ((days * 24 + d_hours) * 60 + d_minutes) * 60 + d_seconds
+    elif match.group(7) is not None:  # hours:minutes:seconds
+        seconds = (first * 60 + second) * 60 + third
+    else:  # minutes[:seconds]
+        seconds = first * 60 + second
+    return -(-seconds // 60)
 
 
 def check_text(name: str, value: str) -> None:
@@ -76,11 +99,13 @@ class Resources:
     gpus_per_node: int = 0  # GPUs per node (0: no --gpus-per-node line)
     cpus_per_task: int = 1  # CPU cores per process (data loading, tokenization threads)
     mem_gb: float = 4.0  # memory per node in GB (0: the partition's default)
-    time_min: int = 60  # wall-clock limit per job attempt, in minutes
+    time_min: int = field(default=60, metadata={"text": slurm_minutes, "notation": "Slurm time"})  # wall-clock
+    # limit per job attempt: minutes, or as sbatch --time takes it ("04:00:00", "1-12")
     partition: str = ""  # Slurm partition ("" : the cluster's default)
     account: str = ""  # Slurm account to charge ("" : your default account)
     qos: str = ""  # quality of service ("" : the default)
     constraint: str = ""  # node features, e.g. "a100|h100" ("" : any node)
+    gres: str = ""  # generic resources per node as sbatch --gres, e.g. "gpu:a100:4" (a GPU type; then gpus_per_node 0)
     setup: tuple[str, ...] = ()  # shell lines run before the job, e.g. "module load cuda/12.4"
     sbatch_extra: dict[str, str] = field(default_factory=dict)  # extra sbatch options, e.g. {exclusive = ""}
     signal: str = "USR2"  # signal Slurm sends before the time limit or on preemption
@@ -102,8 +127,11 @@ class Resources:
         if self.signal_lead_s >= self.time_min * 60:
             raise ValueError(f"signal_lead_s ({self.signal_lead_s}) must be shorter than time_min "
                              f"({self.time_min} min = {self.time_min * 60} s)")
-        for name in ("partition", "account", "qos", "constraint"):
+        for name in ("partition", "account", "qos", "constraint", "gres"):
             check_text(name, getattr(self, name))
+        if self.gpus_per_node and re.match(r"^(.*,)?gpu(:|$)", self.gres):
+            raise ValueError(f"gres {self.gres!r} asks for GPUs and gpus_per_node ({self.gpus_per_node}) too: "
+                             "give one of them (gres to name a GPU type)")
         for i, line in enumerate(self.setup):
             check_text(f"setup[{i}]", line)
         for key, value in self.sbatch_extra.items():
@@ -143,7 +171,7 @@ def sbatch_parameters(res: Resources, job_name: str, after: tuple[str, ...] = ()
         params["gpus_per_node"] = res.gpus_per_node
     if res.mem_gb:
         params["mem"] = f"{int(res.mem_gb)}GB" if res.mem_gb == int(res.mem_gb) else f"{int(res.mem_gb * 1024)}MB"
-    for name in ("partition", "account", "qos", "constraint"):
+    for name in ("partition", "account", "qos", "constraint", "gres"):
         if value := getattr(res, name):
             params[name] = value
     if res.array_parallelism:

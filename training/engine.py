@@ -215,6 +215,13 @@ def _device_name(offload: Any) -> str | None:
     return None if name in (None, "none") else name
 
 
+def _checkpointing(module: Any) -> bool:
+    """Whether activation (gradient) checkpointing is on: transformers 5 names it `is_activation_checkpointing`
+    (and warns on the old name), 4.x `is_gradient_checkpointing`."""
+    flag = getattr(module, "is_activation_checkpointing", None)
+    return bool(getattr(module, "is_gradient_checkpointing", False) if flag is None else flag)
+
+
 def engine_summary(engine: Any) -> dict[str, Any]:
     """What a built engine actually runs with, read from it rather than from the config (a DeepSpeed override or
     an "auto" choice may differ from what the config says): recorded once per attempt as the `setup` event."""
@@ -223,7 +230,7 @@ def engine_summary(engine: Any) -> dict[str, Any]:
     return {"zero_stage": int(engine.zero_optimization_stage()), "bf16": bool(engine.bfloat16_enabled()),
             "param_dtype": str(next(module.parameters()).dtype).removeprefix("torch."),
             "attention": getattr(module.config, "_attn_implementation", None),
-            "gradient_checkpointing": bool(getattr(module, "is_gradient_checkpointing", False)),
+            "gradient_checkpointing": _checkpointing(module),
             "offload_optimizer": _device_name(offload_opt), "offload_params": _device_name(offload_param),
             "gradient_clipping": float(engine.gradient_clipping()),
             "micro_batch": int(engine.train_micro_batch_size_per_gpu()),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -71,9 +72,9 @@ def test_bf16_zero3_offload_and_checkpointing_train_two_mixed_sources_on_a_wsd_s
                           do_sample=False).shape[1] > 2
 
 
-def _stopping_run(tmp_path: Path, shards: Path, news_shards: Path, base: Path, *overrides: str) -> Path:
+def _wrecking_run(tmp_path: Path, shards: Path, news_shards: Path, base: Path, *overrides: str) -> Path:
     """A run that would take 12 steps, from a trained base at an LR that wrecks it: general perplexity on news
-    climbs far above the base model's at the first evaluation (step 2)."""
+    climbs far above the base model's by the first evaluation (step 2)."""
     config = train_config(tmp_path, "cpt", shards, base)
     assert main(["run", str(config), "cpt.optim.lr=5e-2", "cpt.optim.warmup_steps=0", "cpt.eval.every=2",
                  f"cpt.general_val={news_shards}", "cpt.eval.forgetting_pct=5", *overrides]) == 0
@@ -82,10 +83,10 @@ def _stopping_run(tmp_path: Path, shards: Path, news_shards: Path, base: Path, *
     return out
 
 
-def test_the_forgetting_alarm_stops_the_run_when_asked_and_only_warns_otherwise(
-        tmp_path: Path, shards: Path, news_shards: Path, cpt_reference: Reference) -> None:
-    trained = cpt_reference.run_dir / "cpt" / "export"
-    out = _stopping_run(tmp_path / "stop", shards, news_shards, trained, "cpt.eval.forgetting_stop=true")
+def test_the_forgetting_alarm_stops_the_run_when_asked(tmp_path: Path, shards: Path, news_shards: Path,
+                                                       cpt_reference: Reference) -> None:
+    out = _wrecking_run(tmp_path, shards, news_shards, cpt_reference.run_dir / "cpt" / "export",
+                        "cpt.eval.forgetting_stop=true")
     (first, *rest) = records(out, "cpt", "eval")[1:]
     assert first["step"] == 2 and first["forgetting_alarm"] and first["forgetting_pct"] > 5 and not rest
     assert first["stop"].startswith("forgetting alarm: general perplexity")
@@ -93,25 +94,26 @@ def test_the_forgetting_alarm_stops_the_run_when_asked_and_only_warns_otherwise(
     assert provenance["steps"] == 2 and provenance["stopped"] == first["stop"]
     assert records(out, "cpt", "checkpoint")[-1] | {"seconds": 0, "time": 0} == {
         "kind": "checkpoint", "step": 2, "time": 0, "path": "step-0000000002", "reason": first["stop"], "seconds": 0}
-    # Without forgetting_stop the same alarm is a warning, and the run goes on to its last step.
-    out = _stopping_run(tmp_path / "warn", shards, news_shards, trained, "cpt.steps=4")
-    evals = records(out, "cpt", "eval")[1:]
-    assert [e["step"] for e in evals] == [2, 4] and evals[0]["forgetting_alarm"] and "stop" not in evals[0]
-    logs = "".join(p.read_text() for p in log_files(RunDir(out), "cpt", 0))
-    assert "WARNING forgetting alarm at step 2" in logs
 
 
-def test_early_stopping_ends_the_run_and_export_best_takes_the_best_checkpoint(
-        tmp_path: Path, shards: Path, base_model: Path) -> None:
-    config = train_config(tmp_path, "cpt", shards, base_model)
-    # No evaluation after the first counts as an improvement (min_delta): with patience 2 the run stops at the
-    # third evaluation, step 6 of 12. The first is saved as the new best (for the export), the third as the stop.
-    assert main(["run", str(config), "cpt.eval.every=2", "cpt.eval.patience=2", "cpt.eval.min_delta=1e6",
-                 "cpt.export=best", "cpt.checkpoint.every_steps=0"]) == 0
-    out = run_dir(tmp_path, "cpt")
+def test_early_stopping_ends_a_run_the_alarm_only_warned_and_export_best_takes_the_best_checkpoint(
+        tmp_path: Path, shards: Path, news_shards: Path, cpt_reference: Reference,
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    # `stillroom run` prints the stage's progress as it waits (a line per PROGRESS_LINE_S off a terminal): often here.
+    monkeypatch.setattr("launcher.pipeline.PROGRESS_LINE_S", 0.0)
+    monkeypatch.setattr("launcher.pipeline.PROGRESS_POLL_S", 0.2)
+    # The same wrecking run without forgetting_stop: the alarm at step 2 is a warning. No evaluation after the
+    # first counts as an improvement (min_delta): with patience 2 the run stops at the third, step 6 of 12.
+    # The first is saved as the new best (for the export), the third as the stop.
+    out = _wrecking_run(tmp_path, shards, news_shards, cpt_reference.run_dir / "cpt" / "export",
+                        "cpt.eval.patience=2", "cpt.eval.min_delta=1e6", "cpt.export=best",
+                        "cpt.checkpoint.every_steps=0", "cpt.log_every=1")
     evals = records(out, "cpt", "eval")[1:]
     assert [(e["step"], bool(e.get("best")), e.get("stop")) for e in evals] == [
         (2, True, None), (4, False, None), (6, False, "early stopping: no improvement in 2 evaluations")]
+    assert evals[0]["forgetting_alarm"], "the alarm fired, and did not stop the run"
+    logs = "".join(p.read_text() for p in log_files(RunDir(out), "cpt", 0))
+    assert "WARNING forgetting alarm at step 2" in logs
     provenance = json.loads((out / "cpt" / "export" / "provenance.json").read_text())
     assert (provenance["steps"], provenance["stopped"]) == (6, evals[-1]["stop"])
     assert sorted(p.name for p in (out / "cpt" / "checkpoints").glob("step-*")) == [
@@ -119,3 +121,5 @@ def test_early_stopping_ends_the_run_and_export_best_takes_the_best_checkpoint(
     # The export is the saved checkpoint of the lowest domain loss (min_delta decides when to stop, not which is best).
     best = min((e for e in evals if e["step"] in (2, 6)), key=lambda e: e["domain_loss"])
     assert provenance["weights"] == f"the best checkpoint, step-{best['step']:010d}"
+    shown = re.findall(r"cpt: step (\d+)/12, loss [\d.]+, [\d,]+ tok/s, ETA [\d.]+ min", capsys.readouterr().out)
+    assert shown and all(1 <= int(step) <= 6 for step in shown), "the run's progress was shown while it ran"

@@ -86,6 +86,59 @@ def test_zst_reads_every_frame_and_reports_a_cut(tmp_path: Path) -> None:
     assert docs == [] and tally.dropped == {"read.truncated": 1} and tally.files == {"truncated_zst": 1}
 
 
+def test_gzip_reads_every_member_and_reports_a_cut_and_garbage(tmp_path: Path) -> None:
+    import gzip
+
+    body = b"".join(json.dumps({"text": f"record {i} " + "g" * (i % 50)}).encode() + b"\n" for i in range(9000))
+    # Two members (as `cat a.gz b.gz` makes), one named .json.gz as C4 names its gzipped JSON Lines.
+    (tmp_path / "whole.jsonl.gz").write_bytes(gzip.compress(body[:30_000]) + gzip.compress(body[30_000:]))
+    (tmp_path / "c4.json.gz").write_bytes(gzip.compress(body))
+    for name in ("whole.jsonl.gz", "c4.json.gz"):
+        docs, tally = read_all([tmp_path / name])
+        assert len(docs) == 9000 and tally.docs_in == 9000 and not tally.dropped and not tally.files, name
+        assert docs[8999].text.startswith("record 8999 ")
+    assert {p.name for p in expand_inputs([str(tmp_path)])} == {"whole.jsonl.gz", "c4.json.gz"}  # a folder's too
+    cut = gzip.compress(body)
+    (tmp_path / "cut.jsonl.gz").write_bytes(cut[:-10])  # the trailer and the last bytes missing
+    docs, tally = read_all([tmp_path / "cut.jsonl.gz"])
+    assert 0 < len(docs) < 9000
+    assert tally.dropped == {"read.truncated": 1} and tally.files == {"truncated_gz": 1}
+    assert tally.docs_in == len(docs) + 1
+    (tmp_path / "not.jsonl.gz").write_bytes(b"this is not gzip at all\n" * 100)
+    docs, tally = read_all([tmp_path / "not.jsonl.gz"])
+    assert docs == [] and tally.files == {"unreadable": 1}
+
+
+def test_gzip_output_per_read_is_bounded_whatever_the_ratio(tmp_path: Path) -> None:
+    import gzip
+
+    from sharding.compressed import GzipRaw
+
+    bomb = gzip.compress(b"a" * 200_000_000)  # 200 MB of one byte: ~200 KB compressed
+    with (tmp_path / "bomb.gz").open("wb") as f:
+        f.write(bomb)
+    tracemalloc.start()
+    try:
+        with (tmp_path / "bomb.gz").open("rb") as f:
+            raw, buffer, total = GzipRaw(f), bytearray(1 << 16), 0
+            while n := raw.readinto(buffer):
+                total += n
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert total == 200_000_000 and peak < 8_000_000, f"peak {peak} bytes"
+
+
+def test_a_json_file_is_refused_with_the_way_to_jsonl(tmp_path: Path) -> None:
+    (tmp_path / "dump.json").write_text(json.dumps([{"text": "a"}, {"text": "b"}]))
+    with pytest.raises(InputError, match=r"dump.json' is a .json file: give JSON Lines .* jq -c '.\[\]' dump.json"):
+        expand_inputs([str(tmp_path / "dump.json")])
+    (tmp_path / "notes.txt.gz").write_bytes(b"")
+    with pytest.raises(InputError, match="compressed in a format the reader does not know; use .jsonl, .jsonl.zst, "
+                                         ".jsonl.gz"):
+        expand_inputs([str(tmp_path / "notes.txt.gz")])
+
+
 def test_parquet_columns_ids_groups_and_missing_text(tmp_path: Path) -> None:
     table = pa.table({"body": ["x", "y"], "key": ["k1", None], "grp": ["g", "g"], "other": [1, 2]})
     pq.write_table(table, tmp_path / "a.parquet")
@@ -113,7 +166,8 @@ def test_expand_inputs_files_folders_globs_sorted_and_deduplicated(tmp_path: Pat
     assert got == sorted(got)
     assert [p.relative_to(tmp_path).as_posix() for p in got] == ["a.txt", "b/2.jsonl", "b/deep/1.parquet",
                                                                 "c/x.jsonl.zst"]
-    assert expand_inputs([str(tmp_path / "b" / "skip.json")]) == [tmp_path / "b" / "skip.json"]  # named: plain text
+    with pytest.raises(InputError, match="is a .json file"):  # named, it is refused (test_a_json_file_is_refused...)
+        expand_inputs([str(tmp_path / "b" / "skip.json")])
     assert expand_inputs([]) == []
 
 
@@ -121,12 +175,12 @@ def test_expand_inputs_files_folders_globs_sorted_and_deduplicated(tmp_path: Pat
     ("missing.jsonl", "input '{}' does not exist"),
     ("*.nothing", "input '{}' matches no file"),
     ("empty_dir", "input '{}' matches no file (folders are searched for"),
-    ("data.jsonl.gz", "is compressed in a format the reader does not know"),
+    ("data.txt.gz", "is compressed in a format the reader does not know"),
 ])
 def test_expand_inputs_refuses_what_it_cannot_read(tmp_path: Path, name: str, message: str) -> None:
     (tmp_path / "empty_dir").mkdir()
     (tmp_path / "empty_dir" / "notes.json").write_text("{}")
-    (tmp_path / "data.jsonl.gz").write_bytes(b"\x1f\x8b")
+    (tmp_path / "data.txt.gz").write_bytes(b"\x1f\x8b")
     with pytest.raises(InputError) as err:
         expand_inputs([str(tmp_path / name)])
     assert message.format(tmp_path / name) in str(err.value) and "\n" not in str(err.value)
