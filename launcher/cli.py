@@ -16,7 +16,7 @@ from rich.markup import escape
 from launcher.config import ConfigError, config_hash, docs_rows, dump_toml, field_docs, render_docs
 from launcher.run_config import RunConfig, load_run_config
 from launcher.rundir import RunDir, RunDirError, free_run_name
-from launcher.status import cancel, log_files, refresh, status_table
+from launcher.status import cancel, follow, log_files, refresh, status_table, tail_lines
 from slurm.executor import SubmissionError, make_executor
 from training.stop import REQUEUE_EXIT_CODE
 from training.tiny import ARCHITECTURES
@@ -46,7 +46,9 @@ EXAMPLES = {
               "\n  stillroom status default --json",
     "cancel": "examples:\n  stillroom cancel runs/default",
     "logs": "examples:\n  stillroom logs runs/default            # first stage, rank 0\n"
-            "  stillroom logs runs/default probe --rank 3",
+            "  stillroom logs runs/default probe --rank 3\n"
+            "  stillroom logs runs/default cpt --tail 50      # the end of each file\n"
+            "  stillroom logs runs/default cpt -f             # as it is written, until the stage ends",
     "shard": """examples:
   stillroom shard configs/shard.toml                     # only the shard stage, here
   stillroom shard configs/shard.toml shard.tasks=8 shard.seq_len=1024""",
@@ -140,16 +142,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("out", type=Path, help="output folder (left as it is if already converted)")
     p = command("status", "Show each stage's status, jobs, scheduler state, requeues and, for training stages, "
                           "step, tokens, loss, validation perplexity, ETA and the forgetting alarm.")
-    p.add_argument("run", help="run directory, or run name under ./runs")
+    p.add_argument("run", help="run directory, run name under ./runs, or the run's config file")
     p.add_argument("--json", action="store_true", help="print the state as JSON")
     p.add_argument("--watch", type=float, nargs="?", const=10.0, default=0.0, metavar="SECONDS",
                    help="refresh every SECONDS (default 10) until every stage has ended; Ctrl-C to leave")
     p = command("cancel", "Cancel every job of the run that has not completed.")
-    p.add_argument("run", help="run directory, or run name under ./runs")
+    p.add_argument("run", help="run directory, run name under ./runs, or the run's config file")
     p = command("logs", "Print a stage's log for one rank (stdout, then stderr), across requeues.")
-    p.add_argument("run", help="run directory, or run name under ./runs")
+    p.add_argument("run", help="run directory, run name under ./runs, or the run's config file")
     p.add_argument("stage", nargs="?", help="stage (default: the first one submitted)")
     p.add_argument("--rank", type=int, default=0, help="task rank within the job (default 0)")
+    p.add_argument("--tail", type=int, default=0, metavar="N", help="only the last N lines of each file")
+    p.add_argument("--follow", "-f", action="store_true", help="print what the logs gain until the stage ends")
     p = command("config", "Print the resolved config (defaults <- file <- overrides), or every key's doc.")
     p.add_argument("config", type=Path, nargs="?", help="TOML run config (default: only defaults)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides, e.g. probe.steps=3")
@@ -301,9 +305,12 @@ def _logs(args: argparse.Namespace, console: Console) -> int:
     if not files:
         console.print(f"no log yet for {stage} rank {args.rank} in {run.log_dir(stage)}")
         return 1
+    if args.follow:
+        follow(run, stage, args.rank, sys.stdout.write)
+        return 0
     for path in files:
         console.rule(str(path))
-        sys.stdout.write(path.read_text(errors="replace"))
+        sys.stdout.write(tail_lines(path, args.tail) if args.tail else path.read_text(errors="replace"))
     return 0
 
 

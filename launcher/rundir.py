@@ -79,11 +79,18 @@ class RunDir:
 
     @classmethod
     def find(cls, name_or_path: str, root: str = "runs") -> RunDir:
-        """A run given by path, or by name under `root`."""
-        for candidate in (Path(name_or_path), Path(root) / name_or_path):
+        """A run given by path, by name under `root`, or by its config file (a .toml: the run directory the file
+        alone resolves to, by its `run.root` and `run.name`)."""
+        candidates = [Path(name_or_path), Path(root) / name_or_path]
+        if name_or_path.endswith(".toml") and Path(name_or_path).is_file():
+            from launcher.run_config import load_run_config
+
+            candidates.insert(0, load_run_config(Path(name_or_path)).run_dir)
+        for candidate in candidates:
             if RunLayout(candidate).state.is_file():
                 return cls(candidate.resolve())
-        raise RunDirError(f"no run directory at '{name_or_path}' (looked for state.json there and in {root}/)")
+        raise RunDirError(f"no run directory at '{name_or_path}' (looked for state.json "
+                          + (f"in {candidates[0]}, " if len(candidates) > 2 else "") + f"there and in {root}/)")
 
     @classmethod
     def create(cls, cfg: RunConfig) -> RunDir:

@@ -146,3 +146,37 @@ def log_files(run: RunDir, stage: str, rank: int) -> list[Path]:
     for job_id in entry.get("job_ids", []):
         files += [p for p in (folder / f"{job_id}_{rank}_log.out", folder / f"{job_id}_{rank}_log.err") if p.exists()]
     return files
+
+
+def tail_lines(path: Path, n: int, block: int = 1 << 16) -> str:
+    """The last `n` lines of a file, read from its end backwards in blocks (a log may be gigabytes)."""
+    with path.open("rb") as f:
+        f.seek(0, 2)
+        end = pos = f.tell()
+        data = b""
+        while pos > 0 and data.count(b"\n") <= n:
+            pos = max(0, pos - block)
+            f.seek(pos)
+            data = f.read(end - pos)
+    lines = data.decode(errors="replace").splitlines(keepends=True)
+    return "".join(lines[-n:]) if n else ""
+
+
+def follow(run: RunDir, stage: str, rank: int, write: Any, poll_s: float = 1.0) -> None:
+    """Print what the rank's logs gain, as `tail -f` would, across requeues and new jobs, until the stage has ended
+    (completed, failed, stopped, cancelled) and its files stop growing."""
+    offsets: dict[Path, int] = {}
+    while True:
+        ended = run.read_state()["stages"].get(stage, {}).get("status") in ("completed", "failed", "stopped",
+                                                                           "cancelled")
+        grew = False
+        for path in log_files(run, stage, rank):
+            with path.open("rb") as f:
+                f.seek(offsets.get(path, 0))
+                if chunk := f.read():
+                    write(chunk.decode(errors="replace"))
+                    grew = True
+                offsets[path] = f.tell()
+        if ended and not grew:
+            return
+        time.sleep(poll_s)

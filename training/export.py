@@ -1,4 +1,4 @@
-"""Export the trained weights as a Hugging Face folder (safetensors + tokenizer + provenance).
+"""Export the trained weights as a Hugging Face folder (safetensors + tokenizer + provenance + model card).
 
 The export is declared done only after it has been loaded back with transformers and its logits
 on a fixed batch match the engine's: a silent consolidation error (ZeRO-3 shards, tied weights)
@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from common.publish import publish_json, publishing_dir
 from training.config import TrainConfig
+from training.model_card import model_card
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
                    "tokenizer.model", "generation_config.json")
@@ -88,6 +89,7 @@ def export_model(engine: Any, cfg: TrainConfig, folder: Path, source: Path | Non
                 if (Path(cfg.model.path) / name).exists():
                     shutil.copy2(Path(cfg.model.path) / name, tmp / name)
             publish_json(tmp / "provenance.json", provenance)
+            (tmp / "README.md").write_text(model_card(provenance, [cfg.model.path, provenance.get("teacher", "")]))
             if interrupted():
                 raise ExportInterrupted("stop signal while writing the export")
             # Before anything is published; the export runs with the engine's kernels (device, dtype, attention).

@@ -46,6 +46,9 @@ def test_the_reference_run_trains_and_exports(cpt_reference: Reference, base_mod
     assert generated.shape[1] > 2
     provenance = json.loads((out / "cpt" / "export" / "provenance.json").read_text())
     assert provenance["steps"] == 30 and provenance["base_model"] == str(base_model)
+    card = (out / "cpt" / "export" / "README.md").read_text()  # the model card, from the same provenance
+    assert f"| training tokens | {provenance['tokens']:,} |" in card and f"`{base_model}`" in card
+    assert f"| domain validation | {provenance['validation']['domain_loss']:.4f} |" in card
 
 
 def test_sigusr2_checkpoints_and_resume_is_bitwise_exact(tmp_path: Path, shards: Path, base_model: Path,

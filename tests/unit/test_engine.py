@@ -52,10 +52,16 @@ def _load_zero3(rank: int, port: int, model_dir: Path, out: Path) -> None:
         out.write_text(json.dumps(shapes))
 
 
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A one-layer tiny Llama, read (never written) by the spawned engines below."""
+    folder = tmp_path_factory.mktemp("engine")
+    tokenizer = train_bpe_tokenizer(["the miller's tale of a mill and its miller"] * 20, 300, folder / "tok")
+    return build_tiny_llama(tokenizer, folder / "tiny", hidden=32, layers=1)
+
+
 @pytest.mark.timeout(120)
-def test_a_zero3_model_is_partitioned_as_it_is_built(tmp_path: Path) -> None:
-    tokenizer = train_bpe_tokenizer(["the miller's tale of a mill and its miller"] * 20, 300, tmp_path / "tok")
-    model_dir = build_tiny_llama(tokenizer, tmp_path / "tiny", hidden=32, layers=1)
+def test_a_zero3_model_is_partitioned_as_it_is_built(model_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "shapes.json"
     mp.spawn(_load_zero3, args=(free_port(), model_dir, out), nprocs=1, join=True)  # its own process group
     shapes = json.loads(out.read_text())
@@ -92,9 +98,8 @@ def _clipped_steps(rank: int, port: int, model_dir: Path, out: Path) -> None:
 
 
 @pytest.mark.timeout(120)
-def test_gradient_clipping_bounds_the_step_and_the_recorded_norm_is_the_gradients(tmp_path: Path) -> None:
-    tokenizer = train_bpe_tokenizer(["the miller's tale of a mill and its miller"] * 20, 300, tmp_path / "tok")
-    model_dir = build_tiny_llama(tokenizer, tmp_path / "tiny", hidden=32, layers=1)
+def test_gradient_clipping_bounds_the_step_and_the_recorded_norm_is_the_gradients(model_dir: Path,
+                                                                                   tmp_path: Path) -> None:
     out = tmp_path / "clip.json"
     mp.spawn(_clipped_steps, args=(free_port(), model_dir, out), nprocs=1, join=True)  # its own process group
     got = json.loads(out.read_text())

@@ -125,6 +125,8 @@ def test_a_bf16_zero3_engine_exports_and_the_export_generates(model_dir: Path, t
     mp.spawn(_bf16_zero3_export, args=(free_port(), model_dir, out), nprocs=1, join=True)  # its own process group
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["max_logit_diff"] == 0.0 and result["tolerance"] > 0.05
+    listed = json.loads((out / "COMPLETE").read_text())["files"]
+    assert "README.md" in listed and "| optimizer steps | 1 |" in (out / "README.md").read_text()  # the card
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.dtype == torch.bfloat16
     tokenizer = AutoTokenizer.from_pretrained(out)

@@ -7,6 +7,7 @@ import json
 import time
 from pathlib import Path
 
+import pytest
 from rich.console import Console
 
 from launcher.cli import main
@@ -58,3 +59,45 @@ def test_status_warns_of_a_checkpoint_set_aside(tmp_path: Path, capsys) -> None:
             "differs") in text, text
     assert main(["status", str(run.path), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["stages"]["cpt"]["set_aside"][0]["checkpoint"] == "step-0000000004.bad"
+
+
+def test_logs_tail_and_follow_across_a_requeue_until_the_stage_ends(tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    import threading
+
+    from launcher.status import follow, tail_lines
+
+    run = RunDir.create(load_run_config(None, [f"run.root={tmp_path}", 'run.stages=["cpt"]']))
+    run.update_stage("cpt", status="running", executor="local", tasks=1, job_ids=["41"])
+    run.log_dir("cpt").mkdir(parents=True, exist_ok=True)
+    out = run.log_dir("cpt") / "41_0_log.out"
+    out.write_text("".join(f"line {i}\n" for i in range(100_000)))  # 1.2 MB: read from the end, in blocks
+    assert tail_lines(out, 3) == "line 99997\nline 99998\nline 99999\n" and tail_lines(out, 0) == ""
+    assert main(["logs", str(run.path), "cpt", "--tail", "2"]) == 0
+    assert capsys.readouterr().out.endswith("line 99998\nline 99999\n")
+    out.write_text("attempt 1\n")
+    got: list[str] = []
+    follower = threading.Thread(target=follow, args=(run, "cpt", 0, got.append, 0.05))
+    follower.start()
+    time.sleep(0.3)
+    with out.open("a") as f:  # the requeued attempt appends to the same file, a new job writes its own
+        f.write("attempt 2\n")
+    run.update_stage("cpt", job_ids=["41", "42"])
+    (run.log_dir("cpt") / "42_0_log.err").write_text("job 42\n")
+    time.sleep(0.3)
+    assert follower.is_alive(), "it follows while the stage runs"
+    run.update_stage("cpt", status="completed")
+    follower.join(timeout=5)
+    assert not follower.is_alive() and "".join(got) == "attempt 1\nattempt 2\njob 42\n"
+
+
+def test_a_run_is_found_by_its_config_file_wherever_its_root_is(tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "mine.toml"
+    config.write_text(f'[run]\nroot = "{tmp_path / "scratch" / "runs"}"\nname = "law-1b"\nstages = ["cpt"]\n')
+    run = RunDir.create(load_run_config(config))
+    assert RunDir.find(str(config)).path == run.path == (tmp_path / "scratch" / "runs" / "law-1b").resolve()
+    assert main(["status", str(config), "--json"]) == 0 and json.loads(capsys.readouterr().out)["run"] == "law-1b"
+    config.write_text('[run]\nname = "never-made"\n')
+    assert main(["status", str(config)]) == 2
+    assert "no run directory at" in capsys.readouterr().err
