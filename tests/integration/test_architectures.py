@@ -29,9 +29,10 @@ from .helpers import records, shard, write_config
 
 pytestmark = pytest.mark.slow
 
-ARCHS = [a for a in ARCHITECTURES if a != "llama"]  # Llama: every other training test
-CLASSES = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "mistral": "MistralForCausalLM",
-           "gpt2": "GPT2LMHeadModel"}
+# Llama: every other training test. Qwen3 is built by the same code as Qwen2 here (training.tiny) and its layers
+# cut by test_student.py; its own end-to-end run cost the suite ~15 s, so it runs where a session changes it.
+ARCHS = [a for a in ARCHITECTURES if a not in ("llama", "qwen3")]
+CLASSES = {"qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM", "gpt2": "GPT2LMHeadModel"}
 
 
 def _config(folder: Path, arch: str, shards: Path, model: Path) -> Path:
@@ -94,8 +95,9 @@ def sentencepiece_model(tmp_path_factory: pytest.TempPathFactory, corpora: dict[
     texts = [r["text"] for name in ("licenses", "wiki") for r in read_corpus(corpora[name])]
     model = build_tiny("mistral", _sentencepiece(texts, root / "tokenizer"), root / "model", hidden=32, layers=3,
                        kv_heads=2, seed=3)
+    # One task: every process of the stage converts the SentencePiece model again (transformers' import included).
     return model, shard(root, [corpora["licenses"], corpora["wiki"]], model, "shard.seq_len=64",
-                        "shard.val_fraction=0.2")
+                        "shard.val_fraction=0.2", "shard.tasks=1")
 
 
 @pytest.fixture(scope="module")
